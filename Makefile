@@ -1,0 +1,67 @@
+# One entry point for people and CI. `make smoke` = set up + the main job; `make test` = the tests.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SHARED ?= ../shared
+STANDIN := data/standin/cifar-10-python.tar.gz
+
+# Offline default: when CIFAR10_ARCHIVE is unset and no official archive is at data/, but the offline
+# stand-in of ../shared/data exists, build it and use it (every output then says "official": false).
+ifeq ($(strip $(CIFAR10_ARCHIVE)),)
+ifeq ($(wildcard data/cifar-10-python.tar.gz),)
+ifneq ($(wildcard $(SHARED)/data/cifar10-jpeg-standin.tar.gz),)
+export CIFAR10_ARCHIVE := $(abspath $(STANDIN))
+NEED_STANDIN := $(STANDIN)
+endif
+endif
+endif
+
+.PHONY: help setup smoke test test-fast bench lock clean clean-all standin
+help:
+	@echo "make smoke    set up .venv and run the main job (smoke profile)"
+	@echo "make test     run the test suite (what CI runs)"
+	@echo "make bench    time training steps against a plain baseline"
+	@echo "make standin  build the offline CIFAR-10 stand-in from $(SHARED)/data (not official data)"
+	@echo "make lock     rewrite requirements.lock from the current .venv"
+	@echo "make clean    remove outputs of the pipeline (keeps .venv and data/)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+
+$(STAMP): requirements.lock pyproject.toml | $(PY)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+standin: $(STANDIN)
+$(STANDIN): | $(STAMP)
+	mkdir -p $(dir $(STANDIN))
+	$(PY) $(SHARED)/data/make_cifar10_standin.py $(STANDIN).tmp && mv $(STANDIN).tmp $(STANDIN)
+
+smoke: $(STAMP) $(NEED_STANDIN)
+	$(PY) -m paper_repro prepare --params profiles/smoke/params.yaml --out profiles/smoke/data/prepared
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m paper_repro bench
+
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v -i '^paper-repro' | \
+	  { echo "# Exact pins installed by \`make setup\` and CI (pip install -r requirements.lock). Python 3.11."; \
+	    echo "# Regenerate: make lock (pip freeze of a working .venv). pyproject.toml holds the ranges."; cat; } > requirements.lock
+
+clean:
+	rm -rf reports metrics runs profiles/*/reports profiles/*/metrics profiles/*/runs profiles/*/data/prepared
+
+clean-all: clean
+	rm -rf $(VENV) data/prepared data/standin

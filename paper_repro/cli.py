@@ -1,0 +1,60 @@
+"""Thin command line: ``python -m paper_repro <command>``; each command lives in its own module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ARCHIVE_ENV, ConfigError
+
+# command -> (module, one-line help). Each module offers add_arguments(parser) and main(args) -> int.
+COMMANDS = {
+    "prepare": ("paper_repro.prepare_cmd", "verify and convert a CIFAR-10 archive into data/prepared/"),
+    "train": ("paper_repro.train", "train one experiment of params.yaml into runs/<name>/"),
+    "evaluate": ("paper_repro.evaluate", "evaluate one trained run into metrics/<name>.json"),
+    "verify": ("paper_repro.verify", "check reported numbers and claims against metrics/"),
+    "bench": ("paper_repro.bench", "time training steps: our loop versus a plain baseline loop"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the module of ``command`` (the one being run) is imported, keeping --help fast."""
+    parser = argparse.ArgumentParser(
+        prog="python -m paper_repro",
+        description="Binary-Relax quantization of adversarially trained EnResNets (Li, Wang, Xin; LOD 2021). "
+                    f"Offline: set {ARCHIVE_ENV}=PATH to a local cifar-10-python.tar.gz.")
+    parser.add_argument("--version", action="version", version=f"paper_repro {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file (default: params.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set train.epochs=2 (repeatable)")
+        p.add_argument("--quiet", action="store_true", default=bool(os.environ.get("CI")),
+                       help="no progress bars (default when CI is set)")
+        p.set_defaults(_module=module)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    from .data import DataError
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

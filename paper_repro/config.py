@@ -1,0 +1,359 @@
+"""Typed, validated settings read from params.yaml.
+
+Every section is a frozen dataclass; loading rejects unknown keys, wrong types and out-of-range
+values with one line naming the key (``params.yaml: train.epochs must be >= 1, got -3``), so a bad
+setting fails before any work starts rather than hours into a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE_ENV = "CIFAR10_ARCHIVE"
+
+MODEL_PATTERN = re.compile(r"^(en(\d+))?resnet(\d+)$")
+QUANTIZERS = ("none", "binary", "ternary", "4bit", "kbit")
+LOSSES = ("natural", "pgd_at", "tradeoff", "trades")
+PROFILES = ("paper", "cpu", "smoke", "test")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names the key."""
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class DataSettings:
+    archive: str = "data/cifar-10-python.tar.gz"
+    url: str = OFFICIAL_URL
+    md5: str | None = OFFICIAL_MD5
+    prepared: str = "data/prepared"
+    train_limit: int | None = None
+    test_limit: int | None = None
+    expect_counts: list[int] | None = dataclasses.field(default_factory=lambda: [50000, 10000])
+    val_size: int = 5000
+    split_seed: int = 0
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self.train_limit, f"{at}.train_limit")
+        _positive_or_none(self.test_limit, f"{at}.test_limit")
+        _check(self.val_size >= 0, f"{at}.val_size must be >= 0, got {self.val_size}")
+        if self.md5 is not None:
+            _check(re.fullmatch(r"[0-9a-f]{32}", self.md5) is not None,
+                   f"{at}.md5 must be 32 lowercase hex digits, got {self.md5!r}")
+        if self.expect_counts is not None:
+            _check(len(self.expect_counts) == 2 and all(c > 0 for c in self.expect_counts),
+                   f"{at}.expect_counts must be [train, test] positive counts or null")
+        if self.train_limit is not None:
+            _check(self.val_size < self.train_limit,
+                   f"{at}.val_size ({self.val_size}) must be smaller than {at}.train_limit ({self.train_limit})")
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """An L-infinity PGD-style attack: eps and step in pixel units of [0,1] images."""
+    eps: float = 0.031
+    step: float = 0.007
+    steps: int = 10
+    random_start: bool = True
+
+    def validate(self, at: str) -> None:
+        _check(0 < self.eps <= 1, f"{at}.eps must be in (0, 1], got {self.eps}")
+        _check(0 < self.step <= 1, f"{at}.step must be in (0, 1], got {self.step}")
+        _check(self.steps >= 1, f"{at}.steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class RelaxSettings:
+    """BinaryRelax schedule: eta0 grows by rho each epoch until hard_epoch (phase 2: pure Q(W))."""
+    eta0: float = 1.0
+    rho: float = 1.05
+    hard_epoch: int = 120
+
+    def validate(self, at: str) -> None:
+        _check(self.eta0 > 0, f"{at}.eta0 must be > 0, got {self.eta0}")
+        _check(self.rho >= 1, f"{at}.rho must be >= 1, got {self.rho}")
+        _check(self.hard_epoch >= 0, f"{at}.hard_epoch must be >= 0, got {self.hard_epoch}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [80, 120, 160])
+    lr_gamma: float = 0.1
+    augment: bool = True
+    pgd: AttackSettings = field(default_factory=AttackSettings)
+    relax: RelaxSettings = field(default_factory=RelaxSettings)
+    val_attack: AttackSettings = field(default_factory=AttackSettings)
+    val_examples: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+
+    def validate(self, at: str) -> None:
+        _check(self.epochs >= 1, f"{at}.epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"{at}.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"{at}.lr must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"{at}.momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"{at}.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 < self.lr_gamma <= 1, f"{at}.lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        _check(list(self.milestones) == sorted(self.milestones) and all(m >= 1 for m in self.milestones),
+               f"{at}.milestones must be increasing epochs >= 1, got {self.milestones}")
+        _check(self.relax.hard_epoch <= self.epochs,
+               f"{at}.relax.hard_epoch ({self.relax.hard_epoch}) must be <= {at}.epochs ({self.epochs})")
+        _positive_or_none(self.val_examples, f"{at}.val_examples")
+        self.pgd.validate(f"{at}.pgd")
+        self.val_attack.validate(f"{at}.val_attack")
+        self.relax.validate(f"{at}.relax")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
+               f"{at}.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EvalAttack:
+    """One evaluation attack: a name from paper_repro.attacks.ATTACKS plus its keyword settings."""
+    attack: str
+    eps: float = 0.031
+    options: dict[str, Any] = field(default_factory=dict)
+    eot: int = 1
+    paper_column: str | None = None
+
+    def validate(self, at: str) -> None:
+        _check(0 <= self.eps <= 1, f"{at}.eps must be in [0, 1], got {self.eps}")
+        _check(self.eot >= 1, f"{at}.eot must be >= 1, got {self.eot}")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    n_examples: int | None = 10000
+    batch_size: int = 500
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    attacks: dict[str, EvalAttack] = field(default_factory=dict)
+    audit: bool = True
+    audit_examples: int | None = 1000
+    sanity_examples: int | None = 500
+    device: str = "auto"
+
+    def validate(self, at: str) -> None:
+        _positive_or_none(self.n_examples, f"{at}.n_examples")
+        _positive_or_none(self.audit_examples, f"{at}.audit_examples")
+        _positive_or_none(self.sanity_examples, f"{at}.sanity_examples")
+        _check(self.batch_size >= 1, f"{at}.batch_size must be >= 1, got {self.batch_size}")
+        _check(len(self.seeds) >= 1, f"{at}.seeds must list at least one seed")
+        for name, a in self.attacks.items():
+            a.validate(f"{at}.attacks.{name}")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One training configuration of the experiment list: (model, quantizer, method, loss)."""
+    name: str
+    model: str
+    quantizer: str = "none"
+    method: Literal["BR", "BC"] = "BR"
+    loss: str = "pgd_at"
+    loss_params: dict[str, float] = field(default_factory=dict)
+    quantizer_options: dict[str, Any] = field(default_factory=dict)
+    noise: bool = True
+
+    def validate(self, at: str) -> None:
+        _check(re.fullmatch(r"[A-Za-z0-9_.@=+-]+", self.name) is not None,
+               f"{at}.name must use letters, digits and _.@=+- only, got {self.name!r}")
+        m = MODEL_PATTERN.match(self.model)
+        _check(m is not None and (int(m.group(3)) - 2) % 6 == 0 and int(m.group(3)) >= 8
+               and (m.group(2) is None or int(m.group(2)) >= 1),
+               f"{at}.model: unknown model {self.model!r} (expected resnet<6n+2> or en<k>resnet<6n+2>, "
+               f"e.g. resnet20, en2resnet20, en1resnet56)")
+        _check(self.quantizer in QUANTIZERS, f"{at}.quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        _check(self.loss in LOSSES, f"{at}.loss must be one of {LOSSES}, got {self.loss!r}")
+        for key, value in self.loss_params.items():
+            _check(key in LOSS_PARAM_KEYS[self.loss],
+                   f"{at}.loss_params.{key} is not a parameter of loss {self.loss!r} "
+                   f"(allowed: {sorted(LOSS_PARAM_KEYS[self.loss]) or 'none'})")
+            _check(float(value) >= 0, f"{at}.loss_params.{key} must be >= 0, got {value}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantizer != "none"
+
+    def resolved_loss_params(self) -> dict[str, float]:
+        return {**LOSS_DEFAULTS[self.loss], **{k: float(v) for k, v in self.loss_params.items()}}
+
+
+LOSS_DEFAULTS: dict[str, dict[str, float]] = {
+    "natural": {},
+    "pgd_at": {},
+    "tradeoff": {"w_adv": 8.0, "w_nat": 1.0},
+    "trades": {"beta": 4.0},
+}
+LOSS_PARAM_KEYS = {k: set(v) for k, v in LOSS_DEFAULTS.items()}
+
+
+@dataclass(frozen=True)
+class Settings:
+    profile: str = "paper"
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    experiments: list[Experiment] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, at: str = "") -> None:
+        _check(self.profile in PROFILES, f"profile must be one of {PROFILES}, got {self.profile!r}")
+        self.data.validate("data")
+        self.train.validate("train")
+        self.evaluate.validate("evaluate")
+        names = [e.name for e in self.experiments]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        _check(not dupes, f"experiments: duplicate names {dupes}")
+        for i, e in enumerate(self.experiments):
+            e.validate(f"experiments[{i}]")
+
+    def experiment(self, name: str) -> Experiment:
+        for e in self.experiments:
+            if e.name == name:
+                return e
+        known = ", ".join(e.name for e in self.experiments) or "none"
+        raise ConfigError(f"unknown experiment {name!r}; params.yaml lists: {known}")
+
+
+# --------------------------------------------------------------------------- loading
+def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Settings:
+    """Read params.yaml (plus ``key.sub=value`` overrides) into validated Settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: settings file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {e})") from None
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return from_dict(raw, origin=str(path))
+
+
+def from_dict(raw: dict[str, Any], origin: str = "params") -> Settings:
+    try:
+        settings = _build(Settings, raw, "")
+        settings.validate("")
+    except ConfigError as e:
+        raise ConfigError(f"{origin}: {e}") from None
+    return settings
+
+
+def to_dict(obj: Any) -> Any:
+    """Settings -> plain JSON-serialisable dict (for sidecars and provenance)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, value = item.split("=", 1)
+    node = raw
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(value)
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    """Dict -> dataclass ``cls``; ``path`` is the dotted key prefix used in error messages."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'settings'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {_join(path, unknown[0])} (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(hints[f.name], raw[f.name], _join(path, f.name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing key {_join(path, f.name)}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key} must not be null")
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported setting type {tp}")  # pragma: no cover - programming error
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive_or_none(value: int | None, key: str) -> None:
+    _check(value is None or value >= 1, f"{key} must be >= 1 or null, got {value}")
