@@ -222,8 +222,8 @@ class Settings:
         names = [e.name for e in self.experiments]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _check(not dupes, f"experiments: duplicate names {dupes}")
-        for i, e in enumerate(self.experiments):
-            e.validate(f"experiments[{i}]")
+        for e in self.experiments:
+            e.validate(f"experiments.{e.name}")
 
     def experiment(self, name: str) -> Experiment:
         for e in self.experiments:
@@ -250,11 +250,29 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -
 
 def from_dict(raw: dict[str, Any], origin: str = "params") -> Settings:
     try:
+        raw = _experiments_as_list(raw)
         settings = _build(Settings, raw, "")
         settings.validate("")
     except ConfigError as e:
         raise ConfigError(f"{origin}: {e}") from None
     return settings
+
+
+def _experiments_as_list(raw: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml keeps experiments as a mapping name -> settings (DVC's foreach names stages by key)."""
+    experiments = (raw or {}).get("experiments")
+    if experiments is None or isinstance(experiments, list):
+        return raw
+    if not isinstance(experiments, dict):
+        raise ConfigError(f"experiments must be a mapping of name -> settings, got {type(experiments).__name__}")
+    listed = []
+    for name, spec in experiments.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"experiments.{name} must be a mapping, got {type(spec).__name__}")
+        if "name" in spec:
+            raise ConfigError(f"experiments.{name}: the key is the name; remove 'name'")
+        listed.append({"name": str(name), **spec})
+    return {**raw, "experiments": listed}
 
 
 def to_dict(obj: Any) -> Any:
