@@ -1,0 +1,277 @@
+"""verify: the claims registry against metrics/ -> reports/verification.md and .json.
+
+Why: one table that answers, per reported number and per qualitative claim, "does it hold, on
+which data, with which run?". Verdicts: reproduced / not reproduced / not run / not comparable /
+pending (see claims.py for the rules). With --strict the exit code is non-zero when a comparable
+claim is not reproduced, so CI on the paper profile can gate on it.
+
+Mounted by the CLI as `python -m paper_repro verify --metrics metrics --out reports [--strict]`
+through `add_arguments(parser)` and `main(args)`; also runs as `python -m paper_repro.verify`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from . import claims as C
+
+REPORT_SCHEMA_VERSION = 1
+NOT_COMPARABLE_BANNER = "NOT COMPARABLE WITH THE PAPER"
+
+
+def evaluate_numeric(claim: C.NumericClaim, metrics: Sequence[Mapping[str, Any]],
+                     runs_dir: str | Path | None = None) -> dict[str, Any]:
+    """One row of the report for a reported number (pending rows still show what we measured)."""
+    row: dict[str, Any] = {
+        "id": claim.id, "kind": "number", "claim": claim.label, "source": claim.source,
+        "citation": claim.citation, "table": claim.table, "row": claim.row, "column": claim.column,
+        "dataset": claim.dataset, "reported": claim.value, "tolerance": claim.tolerance,
+        "run": None, "metric": None, "select": {}, "reproduced": None, "std": None, "ci95": None, "n_seeds": None,
+        "difference": None, "comparable": None, "would_be": None, "detail": "",
+    }
+    measured, run = None, None
+    if claim.maps_to is None:
+        row["detail"] = "not produced by this companion (maps_to: null)"
+    else:
+        row["metric"] = claim.maps_to.metric
+        row["select"] = dict(claim.maps_to.select)
+        found = C.find_runs(metrics, claim.maps_to)
+        if not found:
+            row["detail"] = f"no run matching {dict(claim.maps_to.select) or claim.maps_to.run}"
+        else:
+            run = found[0]
+            row["run"] = run["run"]
+            measured = C.measure(run, claim.maps_to.metric, runs_dir)
+            notes = [f"{len(found)} runs match; using {run['run']}"] if len(found) > 1 else []
+            if measured is None:
+                notes.append(f"metric {claim.maps_to.metric} missing in {run['run']}")
+            row["detail"] = "; ".join(notes)
+    comparable = bool(run) and C.is_comparable(run)
+    if measured is not None:
+        row.update(reproduced=round(measured.mean, 2), std=measured.std,
+                   ci95=list(measured.ci95) if measured.ci95 else None, n_seeds=measured.n_seeds,
+                   comparable=comparable)
+        if claim.value is not None:
+            row["difference"] = round(measured.mean - claim.value, 2)
+    if run is not None and not comparable:
+        row["detail"] = "; ".join(filter(None, [row["detail"], _why_not_comparable(run)]))
+    row["verdict"], row["would_be"] = C.numeric_verdict(claim, measured, comparable)
+    return row
+
+
+def evaluate_qualitative(claim: C.QualitativeClaim, metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One row of the report for a qualitative claim, from its check over all metrics."""
+    result = C.CHECKS[claim.check](metrics, **claim.params)
+    used = [m for m in metrics if m.get("run") in set(result.runs)]
+    comparable = bool(used) and all(C.is_comparable(m) for m in used)
+    verdict, would_be = C.check_verdict(result, comparable)
+    return {"id": claim.id, "kind": "qualitative", "claim": claim.claim, "check": claim.check,
+            "params": dict(claim.params), "verdict": verdict, "would_be": would_be,
+            "comparable": comparable if result.holds is not None else None,
+            "detail": result.detail, "runs": result.runs, "evidence": result.evidence, "note": claim.note}
+
+
+def _why_not_comparable(m: Mapping[str, Any]) -> str:
+    reasons = []
+    if not C.is_official(m):
+        reasons.append("non-official data")
+    if m.get("profile") != "paper":
+        reasons.append(f"profile {m.get('profile')!r}")
+    return "not comparable: " + ", ".join(reasons)
+
+
+def provenance(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the verdicts rest on: how many runs, which profiles, which data."""
+    comparable = bool(metrics) and all(C.is_comparable(m) for m in metrics)
+    return {
+        "n_runs": len(metrics),
+        "profiles": sorted({str(m.get("profile")) for m in metrics}),
+        "official_data": sorted({C.is_official(m) for m in metrics}),
+        "data_sources": sorted({str((m.get("data") or {}).get("source")) for m in metrics}),
+        "comparable": comparable,
+        "banner": "" if comparable else NOT_COMPARABLE_BANNER,
+    }
+
+
+def build_report(registry: C.Registry, metrics: Sequence[Mapping[str, Any]],
+                 runs_dir: str | Path | None = None, metrics_dir: str = "") -> dict[str, Any]:
+    numeric = [evaluate_numeric(c, metrics, runs_dir) for c in registry.numeric]
+    qualitative = [evaluate_qualitative(c, metrics) for c in registry.qualitative]
+    rows = numeric + qualitative
+    failures = [r["id"] for r in rows if r["verdict"] == C.NOT_REPRODUCED]
+    counts = Counter(r["verdict"] for r in rows)
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "registry": Path(registry.path).name if registry.path else "",
+        "metrics_dir": str(metrics_dir),
+        "provenance": provenance(metrics),
+        "rule": "reproduced when the reported value lies within the tolerance (pp) of the reproduced "
+                "95% CI over evaluation seeds (of the mean without a CI); not comparable when the "
+                "metrics come from non-official data or a profile other than 'paper'",
+        "counts": {v: counts.get(v, 0) for v in C.VERDICTS},
+        "numeric": numeric,
+        "qualitative": qualitative,
+        "strict_failures": failures,
+        "exit_code_strict": 1 if failures else 0,
+    }
+
+
+def exit_code(report: Mapping[str, Any], strict: bool) -> int:
+    """0 unless strict and some comparable claim is not reproduced."""
+    return int(bool(strict and report["strict_failures"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+def fmt(x: Any, nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def fmt_reproduced(row: Mapping[str, Any]) -> str:
+    if row.get("reproduced") is None:
+        return "-"
+    text = fmt(row["reproduced"])
+    if row.get("std") is not None:
+        text += f" ± {row['std']:.2f}"
+    if row.get("ci95"):
+        text += f" [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]"
+    if row.get("n_seeds"):
+        text += f" (n={row['n_seeds']})"
+    return text
+
+
+def fmt_verdict(row: Mapping[str, Any]) -> str:
+    if row.get("would_be"):
+        return f"{row['verdict']} (would be: {row['would_be']})"
+    return row["verdict"]
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+NUMERIC_HEADER = ("Claim", "Source", "Reported", "Reproduced (± std, 95% CI)", "Difference",
+                  "Tolerance", "Run / metric", "Verdict")
+
+
+def numeric_cells(r: Mapping[str, Any]) -> list[str]:
+    where = f"{r['run']} / {r['metric']}" if r.get("run") else (r.get("metric") or "-")
+    return [f"{r['id']}: {r['claim']}", r["source"], fmt(r["reported"]), fmt_reproduced(r),
+            fmt(r["difference"]), fmt(r["tolerance"], 1), where, fmt_verdict(r)]
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    prov = report["provenance"]
+    lines = ["# Verification of the reported numbers and claims", ""]
+    if prov["banner"]:
+        lines += [f"**{prov['banner']}**: metrics from profile(s) {', '.join(prov['profiles']) or '-'}, "
+                  f"official data {prov['official_data'] or '-'}. Numbers are shown; verdicts read "
+                  "'not comparable' (with the verdict they would have).", ""]
+    lines += [f"Runs: {prov['n_runs']}; profiles: {', '.join(prov['profiles']) or '-'}; data sources: "
+              f"{', '.join(prov['data_sources']) or '-'}.", "",
+              f"Rule: {report['rule']}.", "",
+              "Verdict counts: " + ", ".join(f"{k}: {v}" for k, v in report["counts"].items()), "",
+              "## Qualitative claims (paper-spec C1-C7)", "",
+              markdown_table(("Claim", "Statement", "Evidence", "Verdict"),
+                             [(r["id"], r["claim"], r["detail"], fmt_verdict(r)) for r in report["qualitative"]]),
+              "", "## Reported numbers", "",
+              markdown_table(NUMERIC_HEADER, [numeric_cells(r) for r in report["numeric"]]), ""]
+    notes = [f"- {r['id']}: {r['detail']}" for r in report["numeric"] if r["detail"] and r["reproduced"] is not None]
+    if notes:
+        lines += ["## Notes", ""] + notes + [""]
+    return "\n".join(lines)
+
+
+def render_console(report: Mapping[str, Any]) -> str:
+    """A compact text table for the terminal."""
+    rows = [(r["id"], fmt(r.get("reported")), fmt_reproduced(r) if r["kind"] == "number" else "-",
+             fmt(r.get("difference")), fmt_verdict(r)) for r in report["qualitative"] + report["numeric"]]
+    header = ("claim", "reported", "reproduced", "diff", "verdict")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
+    def line(cells: Sequence[Any]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    out = [line(header), line("-" * w for w in widths)] + [line(r) for r in rows]
+    prov = report["provenance"]
+    if prov["banner"]:
+        out.insert(0, f"{prov['banner']} (profiles {', '.join(prov['profiles']) or '-'}, "
+                      f"official data {prov['official_data'] or '-'})")
+    out.append("counts: " + ", ".join(f"{k}: {v}" for k, v in report["counts"].items()))
+    return "\n".join(out)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+def run(metrics_dir: str | Path, out_dir: str | Path, strict: bool = False,
+        registry: C.Registry | str | Path | None = None, runs_dir: str | Path | None = "runs",
+        quiet: bool = False) -> dict[str, Any]:
+    """Verify every claim, write <out_dir>/verification.md and .json, print the table.
+    The report's "exit_code" is what the CLI should return (non-zero only with strict)."""
+    reg = registry if isinstance(registry, C.Registry) else C.load_registry(registry)
+    metrics = C.load_metrics(metrics_dir)
+    report = build_report(reg, metrics, runs_dir, metrics_dir=str(metrics_dir))
+    report["strict"] = bool(strict)
+    report["exit_code"] = exit_code(report, strict)
+    out = Path(out_dir)
+    _write_atomic(out / "verification.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
+    _write_atomic(out / "verification.md", render_markdown(report))
+    if not quiet:
+        print(render_console(report))
+        print(f"wrote {out / 'verification.md'} and {out / 'verification.json'}")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--metrics", default="metrics", help="folder of metrics/<run>.json (default: metrics)")
+    parser.add_argument("--out", default="reports", help="where verification.md/.json go (default: reports)")
+    parser.add_argument("--runs", default="runs", help="run folders, for claims computed from weights (default: runs)")
+    parser.add_argument("--registry", default=None, help="claims registry (default: the packaged claims.yaml)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit non-zero when a comparable claim is not reproduced")
+    parser.add_argument("--no-table", action="store_true", help="do not print the table (files are still written)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        report = run(args.metrics, args.out, strict=args.strict, registry=args.registry,
+                     runs_dir=args.runs, quiet=args.no_table)
+    except C.RegistryError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return report["exit_code"]
+
+
+if __name__ == "__main__":
+    _parser = add_arguments(argparse.ArgumentParser(prog="python -m paper_repro.verify", description=__doc__))
+    raise SystemExit(main(_parser.parse_args()))

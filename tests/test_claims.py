@@ -1,0 +1,195 @@
+"""The claims registry validates, holds every number of paper-spec section 8, rejects bad entries
+with a clear message, and the qualitative checks read metrics by their fields."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures_metrics import simple_metrics, write_tree
+from paper_repro import claims as C
+
+SPEC_NUMBERS = {
+    # EnResNet poster, CIFAR-10 and CIFAR-100, abstract
+    75.11, 50.89, 46.03, 58.73, 77.21, 55.35, 49.06, 65.69, 80.34, 57.23, 50.06, 66.47, 82.52, 58.92,
+    51.48, 67.73, 86.19, 61.82, 56.60, 69.32, 46.02, 24.77, 23.23, 32.42, 50.68, 30.20, 26.25, 40.06,
+    51.72, 31.64, 27.80, 40.44, 85.62, 57.94,
+    # authors' README channel sparsities
+    33.18, 23.93, 43.94, 49.03,
+    # sibling paper baselines and |w| < 1e-3 shares
+    76.07, 51.24, 47.25, 59.30, 57.11, 50.02, 66.77, 81.41, 58.21, 51.60, 66.48, 8.66, 3.64,
+    # BinaryRelax demo
+    92.13, 89.21,
+}
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load(C.REGISTRY_PATH.read_text())
+
+
+def test_packaged_registry_is_valid_and_complete():
+    reg = C.load_registry()
+    values = {c.value for c in reg.numeric if c.value is not None}
+    assert SPEC_NUMBERS <= values, sorted(SPEC_NUMBERS - values)
+    assert [q.id for q in reg.qualitative] == [f"C{i}" for i in range(1, 8)]
+    pending = [c for c in reg.numeric if c.pending]
+    assert pending and all(c.source == "paper" for c in pending)
+    assert all(c.tolerance > 0 for c in reg.numeric)
+    # what we do not produce maps to null; CIFAR-100 / SVHN never map to a run
+    assert all(c.maps_to is None for c in reg.numeric if c.dataset != "cifar10")
+
+
+def test_main_validates_the_file(capsys):
+    assert C.main([]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def _with_entry(raw: dict, **changes) -> dict:
+    data = copy.deepcopy(raw)
+    entry = data["numeric"][0]
+    for key, value in changes.items():
+        if value is ...:
+            entry.pop(key)
+        else:
+            entry[key] = value
+    return data
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"citation": None}, "without a citation"),
+    ({"citation": ""}, "without a citation"),
+    ({"verdict": "reproduced"}, "unknown field(s) ['verdict']"),
+    ({"tolerance": ...}, "missing field(s) ['tolerance']"),
+    ({"tolerance": -1}, "tolerance must be a number >= 0"),
+    ({"value": "75%"}, "value must be a number or null"),
+    ({"source": "blog"}, "source 'blog' is not one of"),
+    ({"dataset": "imagenet"}, "dataset 'imagenet' is not one of"),
+    ({"maps_to": {"run": "x", "metric": "accuracy.natural.mean", "select": {"colour": "red"}}},
+     "maps_to.select has unknown field(s) ['colour']"),
+])
+def test_bad_numeric_entry_is_rejected(raw, changes, message):
+    with pytest.raises(C.RegistryError) as err:
+        C.validate(_with_entry(raw, **changes))
+    assert message in str(err.value)
+    assert raw["numeric"][0]["id"] in str(err.value)
+
+
+def test_paper_value_needs_page_or_table(raw):
+    data = copy.deepcopy(raw)
+    entry = next(e for e in data["numeric"] if e["source"] == "paper")
+    entry.update(value=71.5, citation="the paper")
+    with pytest.raises(C.RegistryError, match="page or table"):
+        C.validate(data)
+    entry["citation"] = "p. 9, Table 2, row En1ResNet20 ternary"
+    reg = C.validate(data)
+    added = next(c for c in reg.numeric if c.id == entry["id"])
+    assert not added.pending and added.value == 71.5
+
+
+def test_bad_qualitative_entry_is_rejected(raw):
+    data = copy.deepcopy(raw)
+    data["qualitative"][0]["check"] = "no_such_check"
+    with pytest.raises(C.RegistryError, match="no_such_check"):
+        C.validate(data)
+    data = copy.deepcopy(raw)
+    data["qualitative"][1]["params"]["colour"] = 1
+    with pytest.raises(C.RegistryError, match="not accepted by check"):
+        C.validate(data)
+
+
+def test_duplicate_ids_and_yaml_errors(raw, tmp_path):
+    data = copy.deepcopy(raw)
+    data["numeric"].append(copy.deepcopy(data["numeric"][0]))
+    with pytest.raises(C.RegistryError, match="duplicate ids"):
+        C.validate(data)
+    bad = tmp_path / "claims.yaml"
+    bad.write_text("numeric: [\n")
+    with pytest.raises(C.RegistryError, match="not valid YAML"):
+        C.load_registry(bad)
+
+
+def test_get_path_handles_dotted_keys():
+    m = {"accuracy": {"pgd50_eot@0.031": {"mean": 40.0}, "natural": {"mean": 80.0}}}
+    assert C.get_path(m, "accuracy.pgd50_eot@0.031.mean") == 40.0
+    assert C.get_path(m, "accuracy.natural.mean") == 80.0
+    assert C.get_path(m, "accuracy.fgsm.mean") is None
+
+
+def test_runs_are_found_by_fields_not_name():
+    maps_to = C.MapsTo(run="resnet20-fp-pgd_at", metric="accuracy.natural.mean",
+                       select={"model": "resnet20", "quantizer": "none", "loss": "pgd_at"})
+    other = simple_metrics("my-custom-name", "resnet20", "none", "none", "pgd_at", acc={"natural": 75.0})
+    wrong = simple_metrics("resnet20-fp-pgd_at", "resnet20", "none", "none", "natural", acc={"natural": 90.0})
+    assert [m["run"] for m in C.find_runs([other, wrong], maps_to)] == ["my-custom-name"]
+    same = simple_metrics("resnet20-fp-pgd_at", "resnet20", "fp", "none", "pgd_at", acc={"natural": 76.0})
+    assert C.find_runs([other, same], maps_to)[0] is same  # the named run breaks ties; 'fp' == 'none'
+
+
+def test_within_tolerance_uses_the_ci():
+    m = C.Measurement(mean=70.0, ci95=(69.0, 71.0))
+    assert C.within_tolerance(72.0, 1.0, m)  # 1.0 from the CI's upper end
+    assert not C.within_tolerance(72.5, 1.0, m)
+    assert C.within_tolerance(71.0, 1.0, C.Measurement(mean=70.0))
+    assert not C.within_tolerance(71.5, 1.0, C.Measurement(mean=70.0))
+
+
+def _pair(loss_a, loss_b, channel_a, channel_b, **kw):
+    return [simple_metrics(f"a-{loss_a}", loss=loss_a, channel=channel_a, **kw),
+            simple_metrics(f"b-{loss_b}", loss=loss_b, channel=channel_b, **kw)]
+
+
+def test_c2_and_c4_channel_sparsity_checks():
+    assert C.adversarial_sparsity_unstructured(_pair("natural", "pgd_at", 30.0, 5.0)).holds is True
+    assert C.adversarial_sparsity_unstructured(_pair("natural", "pgd_at", 5.0, 30.0)).holds is False
+    assert C.tradeoff_raises_channel_sparsity(_pair("pgd_at", "tradeoff", 5.0, 12.0)).holds is True
+    assert C.tradeoff_raises_channel_sparsity(_pair("pgd_at", "tradeoff", 12.0, 5.0)).holds is False
+    # different quantizers are never paired
+    mixed = [simple_metrics("t", quantizer="ternary", loss="pgd_at", channel=5.0),
+             simple_metrics("f", quantizer="4bit", loss="tradeoff", channel=12.0)]
+    assert C.tradeoff_raises_channel_sparsity(mixed).holds is None
+
+
+def test_c3_and_c5_tradeoff_checks():
+    base = simple_metrics("p", loss="pgd_at", acc={"natural": 70, "fgsm": 50, "ifgsm20": 45, "cw_ref": 60})
+    good = simple_metrics("t", loss="tradeoff", acc={"natural": 75, "fgsm": 50.2, "ifgsm20": 43, "cw_ref": 58})
+    bad = simple_metrics("t", loss="tradeoff", acc={"natural": 69, "fgsm": 48, "ifgsm20": 40, "cw_ref": 58})
+    assert C.tradeoff_recovers_natural([base, good]).holds is True
+    assert C.tradeoff_recovers_natural([base, bad]).holds is False
+    assert C.tradeoff_keeps_robustness([base, good]).holds is True
+    result = C.tradeoff_keeps_robustness([base, bad])
+    assert result.holds is False and "fgsm" in result.detail
+
+
+def test_c6_ensemble_ordering():
+    def run(model, nat, rob):
+        return simple_metrics(model, model, "none", "none", "pgd_at", acc={"natural": nat, "ifgsm20": rob})
+    ordered = [run("resnet20", 75, 46), run("en1resnet20", 77, 49), run("en2resnet20", 80, 50)]
+    assert C.ensemble_ordering(ordered, attacks=["natural", "ifgsm20"]).holds is True
+    broken = ordered[:2] + [run("en2resnet20", 76, 50)]
+    assert C.ensemble_ordering(broken, attacks=["natural", "ifgsm20"]).holds is False
+    assert C.ensemble_ordering(ordered[:1]).holds is None
+    assert C.ensemble_size("en5resnet56") == (5, "resnet56") and C.ensemble_size("resnet20") == (0, "resnet20")
+
+
+def test_c1_and_c7():
+    runs = [simple_metrics(f"{q}", quantizer=q, weight=w, levels=lv,
+                           acc={a: 50.0 for a in ("natural", "fgsm", "ifgsm20", "cw_ref")})
+            for q, w, lv in (("binary", 0.0, 2), ("ternary", 40.0, 3), ("4bit", 20.0, 15))]
+    assert C.quantized_weights_sparse(runs).holds is True
+    assert C.quantized_weights_sparse(runs, min_weight_sparsity=30.0).holds is False
+    assert C.quantized_benchmark_complete(runs).holds is True
+    assert C.quantized_benchmark_complete(runs[1:]).holds is None  # binary missing: not run
+    runs[1]["sparsity"]["layers"][0]["levels"] = 200  # float weights were evaluated, not Q(W)
+    assert C.quantized_benchmark_complete(runs).holds is False
+
+
+def test_small_weight_share_from_float_weights(tmp_path: Path):
+    paths = write_tree(tmp_path, runs=[("resnet20", "none", "none", "natural", {})])
+    share = C.small_weight_share(paths["runs"], "resnet20-fp-natural")
+    assert share is not None and 5.0 < share < 15.0
+    assert C.small_weight_share(paths["runs"], "absent") is None
+    assert C.small_weight_share(None, "resnet20-fp-natural") is None
