@@ -18,9 +18,14 @@ endif
 endif
 endif
 
-.PHONY: help setup smoke test test-fast bench lock clean clean-all standin
+# Pipeline commands run with the .venv first on PATH (python, dvc, papermill, jupyter).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: help setup smoke cpu paper test test-fast bench lock clean clean-all standin
 help:
-	@echo "make smoke    set up .venv and run the main job (smoke profile)"
+	@echo "make smoke    set up .venv and run the main job: the smoke profile end to end (minutes, CPU)"
+	@echo "make cpu      the cpu profile: reduced but meaningful numbers (about an hour on 2 CPU cores)"
+	@echo "make paper    the paper profile (dvc repro at the root; needs a GPU, days of compute)"
 	@echo "make test     run the test suite (what CI runs)"
 	@echo "make bench    time training steps against a plain baseline"
 	@echo "make standin  build the offline CIFAR-10 stand-in from $(SHARED)/data (not official data)"
@@ -43,8 +48,22 @@ $(STANDIN): | $(STAMP)
 	mkdir -p $(dir $(STANDIN))
 	$(PY) $(SHARED)/data/make_cifar10_standin.py $(STANDIN).tmp && mv $(STANDIN).tmp $(STANDIN)
 
+# repro DIR: re-prepare when the chosen archive changed (DVC cannot see $$CIFAR10_ARCHIVE), then dvc repro.
+define repro
+	cd $(1) && { python -m paper_repro prepare --stale-check || dvc repro --force --single-item prepare; } && dvc repro
+endef
+
 smoke: $(STAMP) $(NEED_STANDIN)
-	$(PY) -m paper_repro prepare --params profiles/smoke/params.yaml --out profiles/smoke/data/prepared
+	$(call repro,profiles/smoke)
+	@echo "smoke profile done: profiles/smoke/reports/ (notebooks/*.html, figures/, tables/, verification.md)"
+
+cpu: $(STAMP) $(NEED_STANDIN)
+	$(call repro,profiles/cpu)
+	@echo "cpu profile done: profiles/cpu/reports/"
+
+paper: $(STAMP) $(NEED_STANDIN)
+	$(call repro,.)
+	@echo "paper profile done: reports/"
 
 test: $(STAMP)
 	$(PY) -m pytest

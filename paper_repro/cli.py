@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("paper_repro.train", "train one experiment of params.yaml into runs/<name>/"),
     "evaluate": ("paper_repro.evaluate", "evaluate one trained run into metrics/<name>.json"),
     "verify": ("paper_repro.verify", "check reported numbers and claims against metrics/"),
+    "report": ("paper_repro.render", "execute the notebooks (papermill) into reports/ with HTML copies"),
     "bench": ("paper_repro.bench", "time training steps: our loop versus a plain baseline loop"),
 }
 

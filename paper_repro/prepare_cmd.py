@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from . import config
-from .data import prepare, resolve_source
+from torchvision.datasets.utils import calculate_md5
+
+from .data import is_url, prepare, resolve_source
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,12 +19,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-limit", type=int, help="keep the first N training images (default: data.train_limit)")
     p.add_argument("--test-limit", type=int, help="keep the first N test images (default: data.test_limit)")
     p.add_argument("--any-size", action="store_true", help="accept archives that are not 50,000/10,000 images")
+    p.add_argument("--stale-check", action="store_true",
+                   help="only check: exit 1 when the prepared data came from another archive than the one that "
+                        "would be used now (DVC cannot see $CIFAR10_ARCHIVE), else 0")
 
 
 def main(args: argparse.Namespace) -> int:
     settings = config.load(args.params, args.overrides) if args.params.is_file() else config.from_dict({})
     data = settings.data
     source = resolve_source(args.source, data)
+    if args.stale_check:
+        return stale(source, args.out or Path(data.prepared))
     md5 = args.md5 or (data.md5 if source == data.url else None)
     meta = prepare(
         source, args.out or Path(data.prepared), md5=md5,
@@ -32,4 +39,17 @@ def main(args: argparse.Namespace) -> int:
         download_to=Path(data.archive))
     summary = {k: meta[k] for k in ("source", "archive_md5", "official", "counts")}
     print(json.dumps(summary))
+    return 0
+
+
+def stale(source: str, prepared: Path) -> int:
+    """1 when ``prepared`` exists but was made from a different local archive than ``source``."""
+    meta_path = prepared / "meta.json"
+    if is_url(source) or not meta_path.is_file() or not Path(source).is_file():
+        return 0
+    recorded = json.loads(meta_path.read_text()).get("archive_md5")
+    current = calculate_md5(source)
+    if recorded != current:
+        print(f"{prepared} was prepared from an archive with md5 {recorded}; {source} has md5 {current}")
+        return 1
     return 0

@@ -1,0 +1,85 @@
+"""``report``: execute the source notebooks with papermill (kernel python3) and export them to HTML.
+
+Why a command rather than a shell loop in dvc.yaml: parameters come from params.yaml (profile and the
+``report.notebooks.<name>`` overrides), only parameters a notebook declares are passed (papermill
+warns otherwise), and a failing notebook stops the stage with its name. Executed notebooks are
+terminal outputs (they change bytes on every run); numbers flow through metrics/ and reports/tables/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from . import config
+
+KERNEL = "python3"
+
+
+def declared_parameters(notebook: Path) -> set[str]:
+    import papermill
+    return set(papermill.inspect_notebook(str(notebook)))
+
+
+def notebook_parameters(notebook: Path, base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    declared = declared_parameters(notebook)
+    unknown = sorted(set(overrides) - declared)
+    if unknown:
+        raise config.ConfigError(f"report.notebooks.{notebook.stem}: {unknown[0]} is not a parameter of "
+                                 f"{notebook.name} (declared: {', '.join(sorted(declared))})")
+    merged = {**base, **overrides}
+    return {k: v for k, v in merged.items() if k in declared}
+
+
+def export_html(executed: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    html = executed.with_suffix(".html")
+    tmp = html.with_name(f".{html.name}.tmp")
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, html)
+    return html
+
+
+def render(notebooks_dir: Path, out_dir: Path, base: dict[str, Any], per_notebook: dict[str, dict[str, Any]],
+           only: list[str] | None = None, quiet: bool = False) -> list[Path]:
+    import papermill
+    sources = sorted(notebooks_dir.glob("*.ipynb"))
+    if only:
+        sources = [s for s in sources if s.stem in only]
+    if not sources:
+        raise config.ConfigError(f"no notebooks found in {notebooks_dir}")
+    executed_dir = out_dir / "notebooks"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source in sources:
+        params = notebook_parameters(source, base, per_notebook.get(source.stem, {}))
+        target = executed_dir / source.name
+        print(f"report: executing {source.name}", flush=True)
+        papermill.execute_notebook(str(source), str(target), parameters=params, kernel_name=KERNEL,
+                                   progress_bar=not quiet, log_output=False)
+        written += [target, export_html(target)]
+    return written
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--notebooks", type=Path, help="source notebooks (default: notebooks/ of the package's repo)")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="figures/, tables/ and notebooks/ go here")
+    p.add_argument("--metrics", type=Path, default=Path("metrics"))
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--only", nargs="+", help="notebook names (stems) to run")
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = config.load(args.params, args.overrides)
+    notebooks = args.notebooks or Path(__file__).resolve().parents[1] / "notebooks"
+    base = {"metrics_dir": str(args.metrics), "runs_dir": str(args.runs),
+            "data_meta": str(Path(settings.data.prepared) / "meta.json"), "out_dir": str(args.out),
+            "profile": settings.profile, "verification_json": str(args.out / "verification.json")}
+    per_notebook = settings.report.get("notebooks", {}) or {}
+    render(notebooks, args.out, base, per_notebook, args.only, args.quiet)
+    print(f"report: executed notebooks and HTML in {args.out / 'notebooks'}, figures in {args.out / 'figures'}, "
+          f"tables in {args.out / 'tables'}")
+    return 0

@@ -1,0 +1,178 @@
+"""The DVC pipeline end to end, in a temporary git copy of the project, on a synthetic archive.
+
+Checks what a reproducer and a reviewer rely on: the smoke pipeline runs from prepare to the report;
+a second `dvc repro` runs nothing; an evaluation-only parameter reruns evaluate/verify/report only;
+push to a local remote + pull into a fresh clone + `dvc repro --pull --allow-missing` trains nothing;
+two queued experiments run with two workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from archive_factory import make_archive
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = "profiles/smoke"
+TINY = {
+    "profile": "smoke",
+    "data": {"archive": "../../data/cifar-10-python.tar.gz", "prepared": "data/prepared", "train_limit": None,
+             "test_limit": None, "expect_counts": None, "val_size": 30, "split_seed": 0},
+    "train": {"epochs": 1, "batch_size": 60, "milestones": [], "pgd": {"steps": 1}, "val_attack": {"steps": 1},
+              "relax": {"hard_epoch": 0}, "seed": 0},
+    "experiments": {"resnet20-fp-pgd_at": {"model": "resnet20", "loss": "pgd_at"},
+                    "en1resnet20-ternary-br-tradeoff": {"model": "en1resnet20", "quantizer": "ternary",
+                                                        "loss": "tradeoff"}},
+}
+
+
+def tiny_evaluate(base: dict) -> dict:
+    """The smoke profile's evaluate section shrunk further (keeps every key the profile sets)."""
+    ev = dict(base.get("evaluate", {}))
+    ev.update({"n_examples": 20, "seeds": [0]})
+    for key in ("audit_examples", "sanity_examples"):
+        if key in ev:
+            ev[key] = 10
+    return ev
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}")
+    return out
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(?:[^']*:)?([^']+)'", output))
+
+
+def project_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    return [f for f in listed if (ROOT / f).is_file()]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pipeline")
+    repo = base / "repo"
+    for rel in project_files():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, repo / rel)
+    smoke = yaml.safe_load((repo / PROFILE / "params.yaml").read_text())
+    params = {**TINY, "evaluate": tiny_evaluate(smoke), "report": smoke.get("report", {})}
+    (repo / PROFILE / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    archive = make_archive(base / "cifar-10-python.tar.gz", per_class_train=3, per_class_test=2)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "CIFAR10_ARCHIVE": str(archive), "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+           "CI": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PYTHONPATH": str(repo)}
+    remote = base / "remote"
+    run(["git", "init", "-q"], repo, env)
+    run([sys.executable, "-m", "dvc", "remote", "modify", "local", "url", str(remote)], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "copy"], repo, env)
+    first = run([sys.executable, "-m", "dvc", "repro"], repo / PROFILE, env)
+    return {"repo": repo, "env": env, "remote": remote, "first": first, "base": base}
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_produces_reports_and_verification(workspace):
+    out = workspace["repo"] / PROFILE
+    stages = ran_stages(workspace["first"])
+    assert {"prepare", "train@resnet20-fp-pgd_at", "evaluate@en1resnet20-ternary-br-tradeoff", "verify",
+            "report"} <= stages
+    assert (out / "reports" / "verification.md").is_file()
+    verification = json.loads((out / "reports" / "verification.json").read_text())
+    assert verification["provenance"] and "not comparable" in (out / "reports" / "verification.md").read_text()
+    htmls = sorted(p.name for p in (out / "reports" / "notebooks").glob("*.html"))
+    assert len(htmls) == len(list((workspace["repo"] / "notebooks").glob("*.ipynb")))
+    assert list((out / "reports" / "figures").glob("*.png")) and list((out / "reports" / "tables").glob("*.csv"))
+    metrics = json.loads((out / "metrics" / "resnet20-fp-pgd_at.json").read_text())
+    assert metrics["profile"] == "smoke" and metrics["data"]["official"] is False
+    assert (out / "dvclive" / "resnet20-fp-pgd_at" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_second_repro_runs_nothing(workspace):
+    out = run([sys.executable, "-m", "dvc", "repro"], workspace["repo"] / PROFILE, workspace["env"])
+    assert ran_stages(out) == set(), out
+
+
+@pytest.mark.slow
+def test_evaluation_parameter_reruns_only_evaluation_and_what_follows(workspace):
+    repo, env = workspace["repo"], workspace["env"]
+    params_path = repo / PROFILE / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["evaluate"]["seeds"] = [0, 1]
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([sys.executable, "-m", "dvc", "repro"], repo / PROFILE, env)
+    stages = ran_stages(out)
+    assert stages and all(s.startswith(("evaluate@", "verify", "report")) for s in stages), stages
+    assert {"verify", "report"} <= stages
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "two seeds"], repo, env)
+
+
+@pytest.mark.slow
+def test_push_pull_and_repro_trains_nothing(workspace):
+    repo, env, base = workspace["repo"], workspace["env"], workspace["base"]
+    run([sys.executable, "-m", "dvc", "push"], repo / PROFILE, env)
+    clone = base / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], base, env)
+    out = run([sys.executable, "-m", "dvc", "repro", "--pull", "--allow-missing"], clone / PROFILE,
+              {**env, "PYTHONPATH": str(clone)})
+    assert not any(s.startswith(("train@", "prepare")) for s in ran_stages(out)), out
+    run([sys.executable, "-m", "dvc", "pull"], clone / PROFILE, {**env, "PYTHONPATH": str(clone)})
+    assert (clone / PROFILE / "runs" / "resnet20-fp-pgd_at" / "deployed.safetensors").is_file()
+    assert (clone / PROFILE / "reports" / "verification.md").is_file()
+
+
+@pytest.mark.slow
+def test_queued_experiments_run_with_two_workers(workspace):
+    repo, env = workspace["repo"], workspace["env"]
+    for seeds in ("[0]", "[1]"):
+        run([sys.executable, "-m", "dvc", "exp", "run", "--queue", f"{PROFILE}/dvc.yaml",
+             "-S", f"{PROFILE}/params.yaml:evaluate.seeds={seeds}"], repo, env)
+    run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], repo, env)
+    deadline = time.time() + 900
+    status = ""
+    while time.time() < deadline:
+        status = run([sys.executable, "-m", "dvc", "queue", "status"], repo, env)
+        if "Running" not in status and "Queued" not in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    shown = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env))
+    assert shown
+
+
+def test_profile_pipelines_are_the_root_pipeline_with_their_own_root():
+    root_text = (ROOT / "dvc.yaml").read_text()
+    profiles = sorted((ROOT / "profiles").glob("*/dvc.yaml"))
+    assert {p.parent.name for p in profiles} >= {"smoke", "cpu"}
+    for path in profiles:
+        assert path.read_text() == root_text.replace("  - root: .\n", "  - root: ../..\n"), \
+            f"{path} drifted from dvc.yaml (copy it: sed 's|root: .$|root: ../..|' dvc.yaml > {path})"
+
+
+def test_every_profile_loads_and_keeps_its_outputs_apart():
+    from paper_repro import config
+    prepared = set()
+    for params in [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*/params.yaml"))]:
+        settings = config.load(params)
+        assert settings.profile == (params.parent.name if params.parent != ROOT else "paper")
+        prepared.add((params.parent / settings.data.prepared).resolve())
+        assert settings.experiments, f"{params} lists no experiments"
+    assert len(prepared) == 1 + len(list((ROOT / "profiles").glob("*/params.yaml")))
