@@ -265,10 +265,14 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
     sidecar = run_sidecar(settings, experiment, model, relax, data.meta, device)
 
     from dvclive import Live
-    with Live(dir=str(live_dir), resume=record["epochs_done"] > 0, save_dvc_exp=False, dvcyaml=None) as live:
-        if record["epochs_done"] == 0:
+    live_exists = (live_dir / "metrics.json").is_file()
+    with Live(dir=str(live_dir), resume=record["epochs_done"] > 0 and live_exists, save_dvc_exp=False,
+              dvcyaml=None) as live:
+        if record["epochs_done"] == 0 or not live_exists:
             live.log_params({"run": experiment.name, "model": experiment.model, "quantizer": experiment.quantizer,
                              "method": sidecar["method"], "loss": experiment.loss, "profile": settings.profile})
+            for stats in record["history"]:  # a resumed run whose log went missing: replay it
+                log_epoch(live, stats)
         for epoch in range(record["epochs_done"], t.epochs):
             start = time.perf_counter()
             for group in optimizer.param_groups:
@@ -286,9 +290,7 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
                 record["best"] = {k: stats[k] for k in ("epoch", "val_pgd_acc", "val_natural_acc", "phase")}
                 save_selected(paths, model, relax, {**sidecar, "selected": record["best"]})
             save_state(paths, model, optimizer, relax, record)
-            for key in ("train_loss", "train_acc", "val_natural_acc", "val_pgd_acc", "lr", "eta", "phase"):
-                live.log_metric(key, stats[key])
-            live.next_step()
+            log_epoch(live, stats)
             print(f"{experiment.name} epoch {epoch + 1}/{t.epochs} phase {stats['phase']} lr {stats['lr']:.4g} "
                   f"loss {stats['train_loss']:.3f} train {stats['train_acc']:.1f}% val nat "
                   f"{stats['val_natural_acc']:.1f}% pgd {stats['val_pgd_acc']:.1f}% "
@@ -302,6 +304,15 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
                "wall_s": record["wall_s"], "versions": checkpoint.versions(), "fingerprint": fp}
     _write_json(paths.summary, summary)
     return summary
+
+
+LIVE_KEYS = ("train_loss", "train_acc", "val_natural_acc", "val_pgd_acc", "lr", "eta", "phase")
+
+
+def log_epoch(live: Any, stats: dict[str, Any]) -> None:
+    for key in LIVE_KEYS:
+        live.log_metric(key, stats[key])
+    live.next_step()
 
 
 def _write_json(path: Path, obj: Any) -> None:

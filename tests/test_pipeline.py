@@ -23,26 +23,22 @@ from archive_factory import make_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "profiles/smoke"
-TINY = {
-    "profile": "smoke",
-    "data": {"archive": "../../data/cifar-10-python.tar.gz", "prepared": "data/prepared", "train_limit": None,
-             "test_limit": None, "expect_counts": None, "val_size": 30, "split_seed": 0},
-    "train": {"epochs": 1, "batch_size": 60, "milestones": [], "pgd": {"steps": 1}, "val_attack": {"steps": 1},
-              "relax": {"hard_epoch": 0}, "seed": 0},
-    "experiments": {"resnet20-fp-pgd_at": {"model": "resnet20", "loss": "pgd_at"},
-                    "en1resnet20-ternary-br-tradeoff": {"model": "en1resnet20", "quantizer": "ternary",
-                                                        "loss": "tradeoff"}},
-}
+TINY_DATA = {"train_limit": None, "test_limit": None, "expect_counts": None, "val_size": 30}
+TINY_TRAIN = {"epochs": 1, "batch_size": 60, "milestones": [], "pgd": {"steps": 1}, "val_attack": {"steps": 1},
+              "relax": {"hard_epoch": 0}}
+TINY_EXPERIMENTS = ("resnet20-fp-pgd_at", "en1resnet20-ternary-br-tradeoff")
 
 
-def tiny_evaluate(base: dict) -> dict:
-    """The smoke profile's evaluate section shrunk further (keeps every key the profile sets)."""
-    ev = dict(base.get("evaluate", {}))
-    ev.update({"n_examples": 20, "seeds": [0]})
-    for key in ("audit_examples", "sanity_examples"):
-        if key in ev:
-            ev[key] = 10
-    return ev
+def tiny_params(smoke: dict) -> dict:
+    """The smoke profile shrunk to seconds: same keys, smaller data, one epoch, two experiments."""
+    params = dict(smoke)
+    params["data"] = {**smoke["data"], **TINY_DATA}
+    params["train"] = {**smoke["train"], **TINY_TRAIN}
+    params["experiments"] = {k: v for k, v in smoke["experiments"].items() if k in TINY_EXPERIMENTS}
+    ev = dict(smoke["evaluate"])
+    ev.update({"n_examples": 20, "seeds": [0], "audit_examples": 8, "sanity_examples": 8, "square_queries": 10})
+    params["evaluate"] = ev
+    return params
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> str:
@@ -71,8 +67,7 @@ def workspace(tmp_path_factory):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, repo / rel)
     smoke = yaml.safe_load((repo / PROFILE / "params.yaml").read_text())
-    params = {**TINY, "evaluate": tiny_evaluate(smoke), "report": smoke.get("report", {})}
-    (repo / PROFILE / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / PROFILE / "params.yaml").write_text(yaml.safe_dump(tiny_params(smoke), sort_keys=False))
     archive = make_archive(base / "cifar-10-python.tar.gz", per_class_train=3, per_class_test=2)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "CIFAR10_ARCHIVE": str(archive), "PATH": bin_dir + os.pathsep + os.environ["PATH"],
@@ -128,13 +123,13 @@ def test_evaluation_parameter_reruns_only_evaluation_and_what_follows(workspace)
 @pytest.mark.slow
 def test_push_pull_and_repro_trains_nothing(workspace):
     repo, env, base = workspace["repo"], workspace["env"], workspace["base"]
-    run([sys.executable, "-m", "dvc", "push"], repo / PROFILE, env)
+    run([sys.executable, "-m", "dvc", "push", "dvc.yaml"], repo / PROFILE, env)
     clone = base / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], base, env)
     out = run([sys.executable, "-m", "dvc", "repro", "--pull", "--allow-missing"], clone / PROFILE,
               {**env, "PYTHONPATH": str(clone)})
     assert not any(s.startswith(("train@", "prepare")) for s in ran_stages(out)), out
-    run([sys.executable, "-m", "dvc", "pull"], clone / PROFILE, {**env, "PYTHONPATH": str(clone)})
+    run([sys.executable, "-m", "dvc", "pull", "dvc.yaml"], clone / PROFILE, {**env, "PYTHONPATH": str(clone)})
     assert (clone / PROFILE / "runs" / "resnet20-fp-pgd_at" / "deployed.safetensors").is_file()
     assert (clone / PROFILE / "reports" / "verification.md").is_file()
 
@@ -153,7 +148,9 @@ def test_queued_experiments_run_with_two_workers(workspace):
         if "Running" not in status and "Queued" not in status:
             break
         time.sleep(5)
-    assert status.count("Success") == 2, status
+    logs = "".join(run([sys.executable, "-m", "dvc", "queue", "logs", line.split()[0]], repo, env, check=False)[-3000:]
+                   for line in status.splitlines() if "Failed" in line)
+    assert status.count("Success") == 2, status + logs
     shown = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env))
     assert shown
 

@@ -137,3 +137,14 @@ def test_learning_rate_schedule_follows_milestones():
     s = config.from_dict({"train": {"milestones": [80, 120, 160]}})
     assert [round(train_mod.lr_at(e, s), 6) for e in (0, 79, 80, 119, 120, 160, 199)] == \
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.0001, 0.0001]
+
+
+def test_resuming_a_finished_run_restores_a_missing_training_log(tmp_path, prepared_dir):
+    settings = settings_for(prepared_dir, epochs=1, milestones=[], relax={"hard_epoch": 0})
+    exp = settings.experiment("resnet20-fp-natural")
+    train_mod.train(settings, exp, tmp_path / "run", quiet=True, live_dir=tmp_path / "live")
+    before = (tmp_path / "live" / "plots" / "metrics" / "train_loss.tsv").read_text()
+    import shutil
+    shutil.rmtree(tmp_path / "live")
+    train_mod.train(settings, exp, tmp_path / "run", resume=True, quiet=True, live_dir=tmp_path / "live")
+    assert (tmp_path / "live" / "plots" / "metrics" / "train_loss.tsv").read_text() == before
