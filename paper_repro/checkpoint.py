@@ -12,12 +12,13 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from . import atomic
 
 FORMAT = "paper_repro.checkpoint"
 FORMAT_VERSION = 1
@@ -43,20 +44,6 @@ def versions() -> dict[str, str]:
         "safetensors": safetensors.__version__,
         "python": platform.python_version(),
     }
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,8 +72,8 @@ def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], sidecar: 
     record.update(format=FORMAT, format_version=FORMAT_VERSION,
                   weights_file=path.name, weights_sha256=hashlib.sha256(blob).hexdigest())
     text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write(path, blob)
-    _atomic_write(sidecar_path(path), text.encode())
+    atomic.write_bytes(path, blob, fsync=True)
+    atomic.write_bytes(sidecar_path(path), text.encode(), fsync=True)
     return path
 
 

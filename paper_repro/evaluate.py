@@ -19,9 +19,7 @@ import inspect
 import io
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import attacks, checkpoint, config, sanity
+from . import atomic, attacks, checkpoint, config, sanity
 from .config import ConfigError, EvalAttack, EvaluateSettings, Experiment, Settings
 from .data import load_prepared, provenance
 from .loader import pick_device
@@ -524,23 +522,11 @@ def write_examples(path: Path, examples: Mapping[str, np.ndarray], accuracy: Map
         arrays[f"{npz_key(key)}.seeds"] = np.asarray(accuracy[key]["seeds"], dtype=np.int64)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    _atomic_write(path, buffer.getvalue())
+    atomic.write_bytes(path, buffer.getvalue())
 
 
 def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_json(path, obj, indent=1)
 
 
 # --------------------------------------------------------------------------- schema
@@ -699,7 +685,7 @@ def summarize(metrics_dir: str | Path = "metrics", out: str | Path | None = None
     writer.writeheader()
     writer.writerows(rows)
     out = Path(out) if out is not None else metrics_dir / "summary.csv"
-    _atomic_write(out, buffer.getvalue().encode())
+    atomic.write_text(out, buffer.getvalue())
     return out
 
 

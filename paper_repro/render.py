@@ -8,11 +8,10 @@ terminal outputs (they change bytes on every run); numbers flow through metrics/
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
-from . import config
+from . import atomic, config
 
 KERNEL = "python3"
 
@@ -36,11 +35,7 @@ def export_html(executed: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
-    html = executed.with_suffix(".html")
-    tmp = html.with_name(f".{html.name}.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, html)
-    return html
+    return atomic.write_text(executed.with_suffix(".html"), body)
 
 
 def render(notebooks_dir: Path, out_dir: Path, base: dict[str, Any], per_notebook: dict[str, dict[str, Any]],

@@ -10,7 +10,6 @@ when the data are not the official archive or the profile is not "paper".
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from . import atomic
 from . import claims as C
 
 NOT_COMPARABLE = "NOT COMPARABLE WITH THE PAPER"
@@ -452,12 +452,6 @@ def show_not_run(what: str) -> None:
     show_markdown(f"*{what}: {NOT_RUN}.*")
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_figure(fig, out_dir: str | Path, name: str, banner_text: str) -> list[Path]:
     """figures/<name>.png and .pdf, with the banner printed under the plot; shown, then closed."""
     import matplotlib.pyplot as plt
@@ -469,8 +463,8 @@ def save_figure(fig, out_dir: str | Path, name: str, banner_text: str) -> list[P
     bottom = fig.get_tightbbox(fig.canvas.get_renderer()).y0 / fig.get_figheight()
     fig.text(0.005, min(bottom, 0.0) - 0.01, banner_text, fontsize=7, color=color, ha="left", va="top")
     paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
-    _atomic(paths[0], lambda p: fig.savefig(p, dpi=150, bbox_inches="tight", format="png"))
-    _atomic(paths[1], lambda p: fig.savefig(p, bbox_inches="tight", format="pdf", metadata={"CreationDate": None}))
+    atomic.write_with(paths[0], lambda p: fig.savefig(p, dpi=150, bbox_inches="tight", format="png"))
+    atomic.write_with(paths[1], lambda p: fig.savefig(p, bbox_inches="tight", format="pdf", metadata={"CreationDate": None}))
     plt.close(fig)
     if _in_notebook():
         from IPython.display import Image, display
@@ -530,7 +524,7 @@ def save_table(df: pd.DataFrame, out_dir: str | Path, name: str, banner_text: st
     md_text = f"*{banner_text}*\n\n{caption}\n\n{to_markdown(df)}\n"
     tex_text = f"% {banner_text}\n" + to_latex(df, f"{caption}. {banner_text}", name)
     for path, text in zip(paths, (csv_text, md_text, tex_text)):
-        _atomic(path, lambda p, t=text: p.write_text(t))
+        atomic.write_with(path, lambda p, t=text: p.write_text(t))
     if _in_notebook():
         from IPython.display import Markdown, display
 

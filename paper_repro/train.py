@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, config
+from . import atomic, checkpoint, config
 from .config import Experiment, Settings
 from .data import load_prepared, provenance, validation_split
 from .loader import DeviceLoader, pick_device
@@ -302,7 +302,7 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
         save_selected(paths, model, relax, {**sidecar, "selected": record["best"]})
     summary = {**sidecar, "selected": record["best"], "epochs": t.epochs, "history": record["history"],
                "wall_s": record["wall_s"], "versions": checkpoint.versions(), "fingerprint": fp}
-    _write_json(paths.summary, summary)
+    atomic.write_json(paths.summary, summary, indent=2, sort_keys=True)
     return summary
 
 
@@ -313,12 +313,6 @@ def log_epoch(live: Any, stats: dict[str, Any]) -> None:
     for key in LIVE_KEYS:
         live.log_metric(key, stats[key])
     live.next_step()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- CLI

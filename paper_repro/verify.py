@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from . import atomic
 from . import claims as C
 
 REPORT_SCHEMA_VERSION = 1
@@ -220,14 +219,6 @@ def render_console(report: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
@@ -243,8 +234,8 @@ def run(metrics_dir: str | Path, out_dir: str | Path, strict: bool = False,
     report["strict"] = bool(strict)
     report["exit_code"] = exit_code(report, strict)
     out = Path(out_dir)
-    _write_atomic(out / "verification.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
-    _write_atomic(out / "verification.md", render_markdown(report))
+    atomic.write_text(out / "verification.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
+    atomic.write_text(out / "verification.md", render_markdown(report))
     if not quiet:
         print(render_console(report))
         print(f"wrote {out / 'verification.md'} and {out / 'verification.json'}")

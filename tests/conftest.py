@@ -32,3 +32,13 @@ def prepared_dir(tmp_path: Path, tiny_archive: Path) -> Path:
 @pytest.fixture
 def shared_dir() -> Path:
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors run faster on one intra-op thread (and avoid OpenMP spinning on a busy 2-core box)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,13 +12,7 @@ from paper_repro.checkpoint import CheckpointError
 from paper_repro.models import build
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors run faster on one intra-op thread (and avoid OpenMP spinning on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def trained_like(name: str = "en2resnet20", **kwargs) -> torch.nn.Module:

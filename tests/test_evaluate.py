@@ -39,12 +39,7 @@ EVAL = {
 VOLATILE = ("timing", "seconds")  # wall-clock entries: everything else must repeat exactly
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def settings_dict(root: Path, **evaluate) -> dict:

@@ -26,7 +26,6 @@ def test_augmented_batches_are_crops_of_the_padded_image_possibly_flipped():
     y = np.arange(40) % 10
     loader = DeviceLoader(x, y, 16, torch.device("cpu"), augment=True, shuffle=True)
     seen = 0
-    flips = 0
     for xb, yb in loader.epoch(seed=1):
         assert xb.dtype == torch.float32 and 0 <= xb.min() and xb.max() <= 1
         for img, label in zip(xb, yb):

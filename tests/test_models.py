@@ -12,13 +12,7 @@ from paper_repro.models import build, names
 from paper_repro.models.enresnet import parse_name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors run faster on one intra-op thread (and avoid OpenMP spinning on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def n_params(model: nn.Module) -> int:
