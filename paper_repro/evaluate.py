@@ -662,9 +662,19 @@ def summary_row(m: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def summarize(metrics_dir: str | Path = "metrics", out: str | Path | None = None) -> Path:
+COMPACT_KEYS = ("natural_mean", "fgsm_mean", "ifgsm20_mean", "cw_ref_mean", "sparsity_weight", "sparsity_channel",
+                "size_compression")
+
+
+def compact(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """run -> the paper's columns, sparsity and compression: the small table `dvc metrics show` prints."""
+    return {row["run"]: {k: row.get(k) for k in COMPACT_KEYS if row.get(k) is not None} for row in rows}
+
+
+def summarize(metrics_dir: str | Path = "metrics", out: str | Path | None = None,
+              json_out: str | Path | None = None) -> Path:
     """``out`` (default metrics/summary.csv): one row per metrics/<run>.json (validated), columns as
-    docs/contracts.md."""
+    docs/contracts.md; ``json_out``: the compact per-run table (`compact`) as JSON for DVC."""
     metrics_dir = Path(metrics_dir)
     docs = []
     for path in sorted(metrics_dir.glob("*.json")):
@@ -686,6 +696,8 @@ def summarize(metrics_dir: str | Path = "metrics", out: str | Path | None = None
     writer.writerows(rows)
     out = Path(out) if out is not None else metrics_dir / "summary.csv"
     atomic.write_text(out, buffer.getvalue())
+    if json_out is not None:
+        atomic.write_json(json_out, compact(rows), indent=1, sort_keys=True)
     return out
 
 
@@ -697,11 +709,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary", action="store_true", help="write metrics/summary.csv from metrics/*.json instead")
     p.add_argument("--metrics-dir", type=Path, default=Path("metrics"), help="for --summary (default: metrics)")
     p.add_argument("--summary-out", type=Path, help="for --summary (default: <metrics-dir>/summary.csv)")
+    p.add_argument("--summary-json", type=Path, help="for --summary: also write the compact per-run table as JSON")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.summary:
-        print(f"wrote {summarize(args.metrics_dir, args.summary_out)}")
+        print(f"wrote {summarize(args.metrics_dir, args.summary_out, args.summary_json)}")
         return 0
     if not args.experiment:
         raise ConfigError("evaluate needs --experiment NAME (or --summary)")

@@ -97,6 +97,11 @@ def test_smoke_pipeline_produces_reports_and_verification(workspace):
     metrics = json.loads((out / "metrics" / "resnet20-fp-pgd_at.json").read_text())
     assert metrics["profile"] == "smoke" and metrics["data"]["official"] is False
     assert (out / "dvclive" / "resnet20-fp-pgd_at" / "metrics.json").is_file()
+    compact = json.loads((out / "reports" / "metrics.json").read_text())
+    assert set(compact) == set(TINY_EXPERIMENTS) and {"natural_mean", "cw_ref_mean"} <= set(compact["resnet20-fp-pgd_at"])
+    assert compact["en1resnet20-ternary-br-tradeoff"]["size_compression"] > 10
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show", "reports/metrics.json"], out, workspace["env"])
+    assert "cw_ref_mean" in shown and "resnet20-fp-pgd_at" in shown
 
 
 @pytest.mark.slow
