@@ -28,7 +28,7 @@ from .loader import DeviceLoader, pick_device
 from .losses import objective_for
 from .models import build
 from .quant import BinaryRelax
-from .train import autocast, channels_last_for, use_amp
+from .train import channels_last_for, train_step, use_amp
 
 MODELS = ("resnet20", "en5resnet20")
 KINDS = ("clean", "pgd_at")
@@ -92,13 +92,7 @@ def our_steps(model, optimizer, images, labels, batch, kind, attack, device, set
     epoch = 0
     while True:
         for x, y in loader.epoch(seed=epoch):
-            optimizer.zero_grad(set_to_none=True)
-            with relax.relaxed(), autocast(amp, device):
-                x_adv = objective.adversarial(model, x, y, gen) if objective.needs_adversarial else None
-                model.train()
-                loss, _ = objective.loss(model, x, y, x_adv)
-            loss.backward()
-            optimizer.step()
+            train_step(model, relax, objective, optimizer, x, y, gen, amp)
             yield y.numel()
         epoch += 1
 
@@ -160,6 +154,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     settings = config.load(args.params, args.overrides) if args.params.is_file() else config.from_dict({})
+    for name in args.models:  # one-line error before any timing starts
+        config.from_dict({"experiments": {"bench": {"model": name}}}, origin="--models")
     device = pick_device(args.device)
     timed = args.steps or (30 if device.type == "cuda" else 3)
     n_images = args.batch_size * (args.warmup + timed + 1)

@@ -107,6 +107,22 @@ def channels_last_for(device: torch.device, settings: Settings) -> bool:
 
 
 # --------------------------------------------------------------------------- one epoch
+def train_step(model: torch.nn.Module, relax: BinaryRelax, objective: Objective, optimizer: torch.optim.Optimizer,
+               x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, amp: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: attack and loss run on U (relaxed or quantized weights), the gradient at U is
+    applied to the float W. Returns (loss, logits) for the running statistics."""
+    optimizer.zero_grad(set_to_none=True)
+    with relax.relaxed():
+        with autocast(amp, x.device):
+            x_adv = objective.adversarial(model, x, y, generator) if objective.needs_adversarial else None
+            model.train()
+            loss, logits = objective.loss(model, x, y, x_adv)
+        loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
 def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective, loader: DeviceLoader,
                 optimizer: torch.optim.Optimizer, epoch: int, seed: int, amp: bool, quiet: bool
                 ) -> dict[str, float]:
@@ -121,14 +137,7 @@ def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective
                desc=f"epoch {epoch + 1}", unit="batch")
     start = time.perf_counter()
     for step, (x, y) in enumerate(bar, 1):
-        optimizer.zero_grad(set_to_none=True)
-        with relax.relaxed():
-            with autocast(amp, device):
-                x_adv = objective.adversarial(model, x, y, attack_gen) if objective.needs_adversarial else None
-                model.train()
-                loss, logits = objective.loss(model, x, y, x_adv)
-            loss.backward()
-        optimizer.step()
+        loss, logits = train_step(model, relax, objective, optimizer, x, y, attack_gen, amp)
         loss_sum += loss.detach().float() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
         seen += y.numel()

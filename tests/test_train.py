@@ -148,3 +148,9 @@ def test_resuming_a_finished_run_restores_a_missing_training_log(tmp_path, prepa
     shutil.rmtree(tmp_path / "live")
     train_mod.train(settings, exp, tmp_path / "run", resume=True, quiet=True, live_dir=tmp_path / "live")
     assert (tmp_path / "live" / "plots" / "metrics" / "train_loss.tsv").read_text() == before
+
+
+def test_bench_rejects_unknown_models_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "paper_repro", "bench", "--params", str(tmp_path / "none.yaml"),
+                           "--models", "resnet99"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown model 'resnet99'" in proc.stderr
