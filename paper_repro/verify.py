@@ -254,6 +254,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if not Path(args.metrics).is_dir():
+        print(f"error: {args.metrics}: no metrics folder (run `python -m paper_repro evaluate -e <experiment>` "
+              f"first, or pass --metrics)", file=sys.stderr)
+        return 2
     try:
         report = run(args.metrics, args.out, strict=args.strict, registry=args.registry,
                      runs_dir=args.runs, quiet=args.no_table)

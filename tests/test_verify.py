@@ -139,3 +139,12 @@ def test_mounted_in_the_package_cli(tmp_path: Path):
     assert cli.main(argv) == 0
     assert cli.main(argv + ["--strict"]) == 1
     assert (tmp_path / "out" / "verification.md").is_file()
+
+
+def test_missing_metrics_folder_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "paper_repro", "verify", "--metrics", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "reports")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no metrics folder" in proc.stderr
+    assert not (tmp_path / "reports").exists()
