@@ -28,7 +28,8 @@ from .loader import DeviceLoader, pick_device
 from .losses import objective_for
 from .models import build
 from .quant import BinaryRelax
-from .train import channels_last_for, train_step, use_amp
+from .runtime import channels_last_for, use_amp
+from .train import train_step
 
 MODELS = ("resnet20", "en5resnet20")
 KINDS = ("clean", "pgd_at")
@@ -137,7 +138,7 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
 
 
 def environment(device: torch.device) -> dict:
-    from .train import device_name
+    from .runtime import device_name
     return {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads()}
 

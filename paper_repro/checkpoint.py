@@ -40,10 +40,27 @@ def versions() -> dict[str, str]:
 
     return {
         "paper_repro": __version__,
+        "code_commit": code_commit(),
         "torch": torch.__version__,
         "safetensors": safetensors.__version__,
         "python": platform.python_version(),
     }
+
+
+def code_commit() -> str:
+    """The git commit of the package's code, "+dirty" when its tracked files differ from it, or
+    "unknown" outside a git checkout: what a published number names as the code that made it."""
+    import subprocess
+
+    package = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(package)],
+                               cwd=package, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

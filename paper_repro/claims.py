@@ -1,5 +1,6 @@
-"""The claims registry (claims.yaml): loading, validation, resolving a claim's number in the
-metrics, and the qualitative claims C1-C7 as checks over the metrics.
+"""The claims registry (claims.yaml): loading, validation, resolving a reported number to the one
+run it is measured on, and the verdict rules. The C1-C7 checks live in checks.py, intervals and the
+decision rule in stats.py, the paper recipe that decides comparability in recipe.py.
 
 Why here: every number the reproduction is judged against lives in one reviewed YAML file, and
 the rules that turn metrics into verdicts live next to it, so that a verdict can always be traced
@@ -15,9 +16,11 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
+
+from . import checks, comparability, stats
 
 REGISTRY_PATH = Path(__file__).with_name("claims.yaml")
 
@@ -25,8 +28,10 @@ REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
 NOT_RUN = "not run"
 NOT_COMPARABLE = "not comparable"
+INCONCLUSIVE = "inconclusive at this scale"
 PENDING = "pending"
-VERDICTS = (REPRODUCED, NOT_REPRODUCED, NOT_RUN, NOT_COMPARABLE, PENDING)
+REGISTRY_ERROR = "registry error"
+VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_RUN, NOT_COMPARABLE, PENDING, REGISTRY_ERROR)
 
 DATASETS = ("cifar10", "cifar100", "svhn")
 NUMERIC_REQUIRED = ("id", "source", "citation", "table", "row", "column", "dataset", "value",
@@ -39,9 +44,7 @@ QUALITATIVE_OPTIONAL = ("note",)
 # A value taken from the paper itself must say where it is printed.
 PAPER_SOURCE = "paper"
 PAGE_OR_TABLE = re.compile(r"\b(p\.|pp\.|page|table|tab\.)\s*\S", re.IGNORECASE)
-SMALL_WEIGHT_THRESHOLD = 1e-3
-# Channel sparsity etc. are only meaningful for quantized runs; float runs say quantizer "none".
-FLOAT = "none"
+FLOAT = checks.FLOAT
 
 
 class RegistryError(ValueError):
@@ -109,16 +112,10 @@ class Measurement:
     std: float | None = None
     ci95: tuple[float, float] | None = None
     n_seeds: int | None = None
+    ci_method: str | None = None
 
 
-@dataclass
-class CheckResult:
-    """Outcome of a qualitative check before comparability is applied."""
-
-    holds: bool | None  # None: nothing to compare (not run)
-    detail: str
-    evidence: list[dict[str, Any]] = field(default_factory=list)
-    runs: list[str] = field(default_factory=list)
+CheckResult = checks.CheckResult
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,9 +271,15 @@ def is_official(m: Mapping[str, Any]) -> bool:
     return bool((m.get("data") or {}).get("official", False))
 
 
+def deviations(m: Mapping[str, Any]) -> list[str]:
+    """How the run's recipe, data and evaluation in effect differ from the paper's (comparability.deviations)."""
+    return comparability.deviations(m)
+
+
 def is_comparable(m: Mapping[str, Any]) -> bool:
-    """Comparable with the paper: official CIFAR-10 data and the full 'paper' profile."""
-    return is_official(m) and m.get("profile") == "paper"
+    """Comparable with the paper: official data and exactly the paper's recipe and evaluation, as
+    recorded in the run's metrics (not its profile label)."""
+    return not deviations(m)
 
 
 def get_path(d: Any, path: str) -> Any:
@@ -295,82 +298,67 @@ def get_path(d: Any, path: str) -> Any:
     return None
 
 
-def norm(field_name: str, value: Any) -> Any:
-    """Normalise a metrics field for matching (method case, 'fp' as an alias of 'none')."""
-    if isinstance(value, str):
-        value = value.lower()
-        if field_name == "quantizer" and value == "fp":
-            return FLOAT
-    return value
-
-
 def matches(m: Mapping[str, Any], select: Mapping[str, Any]) -> bool:
     for key, want in select.items():
         have = m.get(key)
         if isinstance(want, Mapping):
-            if not isinstance(have, Mapping) or any(have.get(k) != v for k, v in want.items()):
+            if not isinstance(have, Mapping) or {k: float(v) for k, v in have.items()} != {
+                    k: float(v) for k, v in want.items()}:
                 return False
         elif norm(key, have) != norm(key, want):
             return False
     return True
 
 
-def find_runs(metrics: Iterable[Mapping[str, Any]], maps_to: MapsTo) -> list[Mapping[str, Any]]:
-    """Runs that match maps_to.select (by metrics fields); the named run first. Without a select,
-    the run is found by name."""
+def resolve_run(metrics: Iterable[Mapping[str, Any]], maps_to: MapsTo) -> tuple[Mapping[str, Any] | None, str]:
+    """The one run a reported number is measured on: the run named by maps_to.run, which must also
+    have the fields of maps_to.select. Returns (run, "") or (None, why): "not run" when it is missing
+    (look-alike runs are never used instead), a registry error when the named run has other fields."""
     metrics = list(metrics)
-    if maps_to.select:
-        found = [m for m in metrics if matches(m, maps_to.select)]
-    else:
-        found = [m for m in metrics if m.get("run") == maps_to.run]
-    return sorted(found, key=lambda m: (m.get("run") != maps_to.run, m.get("run", "")))
+    named = [m for m in metrics if m.get("run") == maps_to.run]
+    if not named:
+        alike = [m["run"] for m in metrics if maps_to.select and matches(m, maps_to.select)]
+        extra = (f"; {len(alike)} other run(s) match its select ({', '.join(alike)}) but a reported number "
+                 f"maps to one named run" if alike else "")
+        return None, f"no run named {maps_to.run}{extra}"
+    run = named[0]
+    if maps_to.select and not matches(run, maps_to.select):
+        differ = {k: run.get(k) for k in maps_to.select if not matches(run, {k: maps_to.select[k]})}
+        return None, f"registry error: run {maps_to.run} has {differ}, not the select {dict(maps_to.select)}"
+    return run, ""
 
 
-def small_weight_share(runs_dir: str | Path | None, run: str,
-                       threshold: float = SMALL_WEIGHT_THRESHOLD) -> float | None:
-    """% of float conv weights (4-D tensors of runs/<run>/float.safetensors) with |w| < threshold."""
-    if runs_dir is None:
-        return None
-    path = Path(runs_dir) / run / "float.safetensors"
-    if not path.is_file():
-        return None
-    from safetensors.numpy import load_file
-
-    import numpy as np
-
-    kernels = [t for t in load_file(str(path)).values() if t.ndim == 4]
-    total = sum(t.size for t in kernels)
-    if not total:
-        return None
-    small = sum(int(np.count_nonzero(np.abs(t) < threshold)) for t in kernels)
-    return round(100.0 * small / total, 2)
+def find_runs(metrics: Iterable[Mapping[str, Any]], maps_to: MapsTo) -> list[Mapping[str, Any]]:
+    """[the run a reported number maps to] or [] (see resolve_run)."""
+    run, _ = resolve_run(metrics, maps_to)
+    return [run] if run is not None else []
 
 
-DERIVED: dict[str, Callable[[str | Path | None, str], float | None]] = {
-    "float_abs_lt_1e-3": small_weight_share,
-}
+def norm(field_name: str, value: Any) -> Any:
+    return checks.norm(field_name, value)
 
 
-def measure(m: Mapping[str, Any], metric: str, runs_dir: str | Path | None = None) -> Measurement | None:
-    """The number a metric path points to in one run's metrics, with std/CI from its parent
-    entry when the path ends in '.mean'. 'derived.<name>' is computed from runs/<run>/."""
+def measure(m: Mapping[str, Any], metric: str) -> Measurement | None:
+    """The number a metric path points to in one run's metrics, with its 95% interval: for an
+    accuracy ('accuracy.<attack>.mean') the combined sampling + seed interval of stats.py, for a
+    sparsity ('sparsity.channel' / 'sparsity.weight') the Wilson interval of its zero count."""
     value = get_path(m, metric)
-    if value is None and metric.startswith("derived."):
-        fn = DERIVED.get(metric.split(".", 1)[1])
-        value = fn(runs_dir, str(m.get("run"))) if fn else None
     if not _is_number(value):
         return None
-    std = ci = n = None
-    if metric.endswith(".mean"):
+    std = n = None
+    estimate = None
+    if metric.startswith("accuracy.") and metric.endswith(".mean"):
         parent = get_path(m, metric[: -len(".mean")])
         if isinstance(parent, Mapping):
             std = parent.get("std") if _is_number(parent.get("std")) else None
-            raw_ci = parent.get("ci95")
-            if isinstance(raw_ci, (list, tuple)) and len(raw_ci) == 2 and all(map(_is_number, raw_ci)):
-                ci = (float(raw_ci[0]), float(raw_ci[1]))
             seeds = parent.get("per_seed")
             n = len(seeds) if isinstance(seeds, list) else None
-    return Measurement(mean=float(value), std=std, ci95=ci, n_seeds=n)
+            estimate = checks.accuracy(m, metric[len("accuracy."): -len(".mean")])
+    elif metric in ("sparsity.channel", "sparsity.weight"):
+        estimate = checks.sparsity(m.get("sparsity"), metric.split(".")[1])
+    ci = (round(estimate.lo, 2), round(estimate.hi, 2)) if estimate is not None else None
+    return Measurement(mean=float(value), std=std, ci95=ci, n_seeds=n,
+                       ci_method=estimate.how if estimate is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,8 +366,8 @@ def measure(m: Mapping[str, Any], metric: str, runs_dir: str | Path | None = Non
 # --------------------------------------------------------------------------------------------
 
 def within_tolerance(reported: float, tolerance: float, measured: Measurement) -> bool:
-    """Reproduced when the reported value lies within `tolerance` of the 95% CI of the
-    reproduced number (of its mean when no CI is known)."""
+    """Reproduced when the reported value lies within `tolerance` of the 95% interval of the
+    reproduced number (of its mean when no interval is known)."""
     lo, hi = measured.ci95 if measured.ci95 else (measured.mean, measured.mean)
     lo, hi = min(lo, hi, measured.mean), max(lo, hi, measured.mean)
     gap = 0.0 if lo <= reported <= hi else min(abs(reported - lo), abs(reported - hi))
@@ -396,216 +384,17 @@ def numeric_verdict(claim: NumericClaim, measured: Measurement | None, comparabl
     return (raw, None) if comparable else (NOT_COMPARABLE, raw)
 
 
-def check_verdict(result: CheckResult, comparable: bool) -> tuple[str, str | None]:
-    if result.holds is None:
+CHECK_VERDICT = {stats.HOLDS: REPRODUCED, stats.FAILS: NOT_REPRODUCED, stats.INCONCLUSIVE: INCONCLUSIVE}
+
+
+def check_verdict(result: "checks.CheckResult", comparable: bool) -> tuple[str, str | None]:
+    if result.outcome is None:
         return NOT_RUN, None
-    raw = REPRODUCED if result.holds else NOT_REPRODUCED
+    raw = CHECK_VERDICT[result.outcome]
     return (raw, None) if comparable else (NOT_COMPARABLE, raw)
 
 
-# --------------------------------------------------------------------------------------------
-# Qualitative checks (C1-C7). Each takes all metrics plus its registry params.
-# --------------------------------------------------------------------------------------------
-
-def _in(m: Mapping[str, Any], key: str, allowed: Iterable[Any] | None) -> bool:
-    return allowed is None or norm(key, m.get(key)) in {norm(key, a) for a in allowed}
-
-
-def _acc(m: Mapping[str, Any], attack: str) -> float | None:
-    value = get_path(m, f"accuracy.{attack}.mean")
-    return float(value) if _is_number(value) else None
-
-
-def _channel(m: Mapping[str, Any]) -> float | None:
-    value = get_path(m, "sparsity.channel")
-    return float(value) if _is_number(value) else None
-
-
-def pairs(metrics: Sequence[Mapping[str, Any]], base_loss: str, other_loss: str,
-          quantizers: Iterable[str] | None = None,
-          same: Sequence[str] = ("model", "quantizer", "method")) -> list[tuple[Mapping, Mapping]]:
-    """(base, other) runs that agree on `same` fields and differ in loss."""
-    out = []
-    for base in metrics:
-        if norm("loss", base.get("loss")) != base_loss or not _in(base, "quantizer", quantizers):
-            continue
-        for other in metrics:
-            if norm("loss", other.get("loss")) == other_loss and all(
-                    norm(k, base.get(k)) == norm(k, other.get(k)) for k in same):
-                out.append((base, other))
-    return out
-
-
-def _group(m: Mapping[str, Any]) -> str:
-    return f"{m.get('model')}/{m.get('quantizer')}/{m.get('method')}"
-
-
-def _compare_pairs(found: list[tuple[Mapping, Mapping]], value: Callable[[Mapping], float | None],
-                   holds: Callable[[float, float], bool], what: str, names: tuple[str, str]) -> CheckResult:
-    evidence, runs = [], []
-    for base, other in found:
-        a, b = value(base), value(other)
-        if a is None or b is None:
-            continue
-        ok = holds(a, b)
-        evidence.append({"group": _group(base), names[0]: base["run"], names[1]: other["run"],
-                         f"{what} ({names[0]})": a, f"{what} ({names[1]})": b,
-                         "difference": round(b - a, 2), "holds": ok})
-        runs += [base["run"], other["run"]]
-    if not evidence:
-        return CheckResult(None, f"no {names[0]}/{names[1]} pair of runs with {what}")
-    n_ok = sum(e["holds"] for e in evidence)
-    detail = "; ".join(f"{e['group']}: {e[f'{what} ({names[0]})']:.2f} -> {e[f'{what} ({names[1]})']:.2f}"
-                       for e in evidence)
-    return CheckResult(n_ok == len(evidence), f"{n_ok}/{len(evidence)} pairs hold ({what}, "
-                       f"{names[0]} -> {names[1]}): {detail}", evidence, sorted(set(runs)))
-
-
-def quantized_weights_sparse(metrics: Sequence[Mapping[str, Any]], quantizers: Sequence[str] = ("ternary", "4bit"),
-                             methods: Sequence[str] = ("BR",), losses: Sequence[str] = ("pgd_at", "tradeoff"),
-                             min_weight_sparsity: float = 10.0) -> CheckResult:
-    """C1: every adversarially trained ternary/4-bit BR run has weight sparsity >= threshold."""
-    evidence = []
-    for m in metrics:
-        if _in(m, "quantizer", quantizers) and _in(m, "method", methods) and _in(m, "loss", losses):
-            value = get_path(m, "sparsity.weight")
-            if _is_number(value):
-                evidence.append({"run": m["run"], "weight sparsity": float(value),
-                                 "holds": float(value) >= min_weight_sparsity})
-    if not evidence:
-        return CheckResult(None, "no adversarially trained ternary/4-bit BR run with sparsity")
-    n_ok = sum(e["holds"] for e in evidence)
-    detail = "; ".join(f"{e['run']}: {e['weight sparsity']:.2f}%" for e in evidence)
-    return CheckResult(n_ok == len(evidence), f"{n_ok}/{len(evidence)} runs have weight sparsity >= "
-                       f"{min_weight_sparsity}%: {detail}", evidence, [e["run"] for e in evidence])
-
-
-def adversarial_sparsity_unstructured(metrics: Sequence[Mapping[str, Any]],
-                                      quantizers: Sequence[str] = ("ternary", "4bit")) -> CheckResult:
-    """C2: channel sparsity under PGD-AT < under natural training, same model/quantizer/method."""
-    return _compare_pairs(pairs(metrics, "natural", "pgd_at", quantizers), _channel,
-                          lambda nat, adv: adv < nat, "channel sparsity", ("natural", "pgd_at"))
-
-
-def tradeoff_recovers_natural(metrics: Sequence[Mapping[str, Any]], min_gain: float = 0.0) -> CheckResult:
-    """C3: natural accuracy(tradeoff) > natural accuracy(pgd_at) + min_gain."""
-    return _compare_pairs(pairs(metrics, "pgd_at", "tradeoff"), lambda m: _acc(m, "natural"),
-                          lambda a, b: b > a + min_gain, "natural accuracy", ("pgd_at", "tradeoff"))
-
-
-def tradeoff_raises_channel_sparsity(metrics: Sequence[Mapping[str, Any]], min_gain: float = 0.0) -> CheckResult:
-    """C4: channel sparsity(tradeoff) > channel sparsity(pgd_at) + min_gain (quantized runs)."""
-    found = [(a, b) for a, b in pairs(metrics, "pgd_at", "tradeoff") if norm("quantizer", a.get("quantizer")) != FLOAT]
-    return _compare_pairs(found, _channel, lambda a, b: b > a + min_gain, "channel sparsity",
-                          ("pgd_at", "tradeoff"))
-
-
-def tradeoff_keeps_robustness(metrics: Sequence[Mapping[str, Any]], weak: Sequence[str] = ("fgsm",),
-                              weak_max_drop: float = 0.5, strong: Sequence[str] = ("ifgsm20", "cw_ref"),
-                              strong_max_drop: float = 3.0) -> CheckResult:
-    """C5: with the trade-off loss, weak-attack accuracy drops <= weak_max_drop and strong-attack
-    accuracy drops <= strong_max_drop, relative to PGD-AT of the same model/quantizer/method."""
-    parts = [(attack, weak_max_drop) for attack in weak] + [(attack, strong_max_drop) for attack in strong]
-    evidence, runs, lines = [], set(), []
-    for attack, max_drop in parts:
-        res = _compare_pairs(pairs(metrics, "pgd_at", "tradeoff"), lambda m, a=attack: _acc(m, a),
-                             lambda a, b, d=max_drop: b >= a - d, f"{attack} accuracy", ("pgd_at", "tradeoff"))
-        if res.holds is not None:
-            for e in res.evidence:
-                e["attack"], e["max drop"] = attack, max_drop
-            evidence += res.evidence
-            runs |= set(res.runs)
-            lines.append(f"{attack} (max drop {max_drop} pp): {res.detail}")
-    if not evidence:
-        return CheckResult(None, "no pgd_at/tradeoff pair with the attacks " + ", ".join(a for a, _ in parts))
-    return CheckResult(all(e["holds"] for e in evidence), " | ".join(lines), evidence, sorted(runs))
-
-
-MODEL_NAME = re.compile(r"^(?:en(\d+))?(resnet\d+)$")
-
-
-def ensemble_size(model: str) -> tuple[int, str] | None:
-    """('en2resnet20') -> (2, 'resnet20'); plain 'resnet20' -> (0, 'resnet20')."""
-    found = MODEL_NAME.match(str(model).lower())
-    return (int(found.group(1) or 0), found.group(2)) if found else None
-
-
-def ensemble_ordering(metrics: Sequence[Mapping[str, Any]], loss: str = "pgd_at", quantizer: str = FLOAT,
-                      attacks: Sequence[str] = ("natural", "fgsm", "ifgsm20", "cw_ref"),
-                      slack: float = 0.0) -> CheckResult:
-    """C6: for each attack, accuracy rises with k: plain ResNet (k=0) < En1 < En2 < En5
-    (each step may fall short by at most `slack` pp), same depth, loss and quantizer."""
-    groups: dict[str, dict[int, Mapping]] = {}
-    for m in metrics:
-        parsed = ensemble_size(m.get("model", ""))
-        if parsed and norm("loss", m.get("loss")) == loss and norm("quantizer", m.get("quantizer")) == quantizer:
-            groups.setdefault(parsed[1], {}).setdefault(parsed[0], m)
-    evidence, runs, lines = [], set(), []
-    for base, by_k in sorted(groups.items()):
-        ks = sorted(by_k)
-        if len(ks) < 2:
-            continue
-        for attack in attacks:
-            values = [(k, _acc(by_k[k], attack)) for k in ks]
-            values = [(k, v) for k, v in values if v is not None]
-            if len(values) < 2:
-                continue
-            ok = all(b > a - slack for (_, a), (_, b) in zip(values, values[1:]))
-            evidence.append({"base": base, "attack": attack, "by_k": {str(k): v for k, v in values}, "holds": ok})
-            runs |= {by_k[k]["run"] for k, _ in values}
-            lines.append(f"{base} {attack}: " + " < ".join(f"k={k} {v:.2f}" for k, v in values)
-                         + ("" if ok else " (order broken)"))
-    if not evidence:
-        return CheckResult(None, f"fewer than two of resnet/en_k resnet runs with loss {loss}")
-    return CheckResult(all(e["holds"] for e in evidence), "; ".join(lines), evidence, sorted(runs))
-
-
-def quantized_benchmark_complete(metrics: Sequence[Mapping[str, Any]],
-                                 quantizers: Sequence[str] = ("binary", "ternary", "4bit"),
-                                 attacks: Sequence[str] = ("natural", "fgsm", "ifgsm20", "cw_ref"),
-                                 max_levels: Mapping[str, int] | None = None) -> CheckResult:
-    """C7: every quantizer has a run evaluated under every paper attack, on deployed weights
-    (each quantized layer holds at most max_levels distinct values; sanity checks passed)."""
-    max_levels = dict(max_levels or {"binary": 3, "ternary": 3, "4bit": 15})
-    evidence, runs, missing = [], [], []
-    for quant in quantizers:
-        candidates = [m for m in metrics if norm("quantizer", m.get("quantizer")) == quant]
-        complete = [m for m in candidates if all(_acc(m, a) is not None for a in attacks)]
-        if not complete:
-            missing.append(quant)
-            continue
-        for m in complete:
-            layers = get_path(m, "sparsity.layers") or []
-            levels = [row.get("levels") for row in layers if _is_number(row.get("levels"))]
-            limit = max_levels.get(quant)
-            deployed = bool(levels) and (limit is None or max(levels) <= limit)
-            sanity = m.get("sanity") or {}
-            failed = sorted(k for k, v in sanity.items() if isinstance(v, Mapping) and v.get("passed") is False)
-            evidence.append({"quantizer": quant, "run": m["run"], "max levels": max(levels) if levels else None,
-                             "deployed weights": deployed, "failed sanity": failed,
-                             "holds": deployed and not failed})
-            runs.append(m["run"])
-    if missing and not evidence:
-        return CheckResult(None, f"no quantized run evaluated under {', '.join(attacks)}")
-    if missing:
-        return CheckResult(None, f"incomplete: no run for {', '.join(missing)} evaluated under all of "
-                           f"{', '.join(attacks)}", evidence, runs)
-    bad = [e for e in evidence if not e["holds"]]
-    detail = (f"{len(evidence)} quantized runs cover {', '.join(quantizers)} x {', '.join(attacks)}"
-              + ("" if not bad else "; not on deployed weights or failed sanity: "
-                 + ", ".join(f"{e['run']} (levels {e['max levels']}, failed {e['failed sanity']})" for e in bad)))
-    return CheckResult(not bad, detail, evidence, runs)
-
-
-CHECKS: dict[str, Callable[..., CheckResult]] = {
-    "quantized_weights_sparse": quantized_weights_sparse,
-    "adversarial_sparsity_unstructured": adversarial_sparsity_unstructured,
-    "tradeoff_recovers_natural": tradeoff_recovers_natural,
-    "tradeoff_raises_channel_sparsity": tradeoff_raises_channel_sparsity,
-    "tradeoff_keeps_robustness": tradeoff_keeps_robustness,
-    "ensemble_ordering": ensemble_ordering,
-    "quantized_benchmark_complete": quantized_benchmark_complete,
-}
+CHECKS = checks.CHECKS
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,11 +12,13 @@ from .config import ARCHIVE_ENV, ConfigError
 
 # command -> (module, one-line help). Each module offers add_arguments(parser) and main(args) -> int.
 COMMANDS = {
-    "prepare": ("paper_repro.prepare_cmd", "verify and convert a CIFAR-10 archive into data/prepared/"),
+    "prepare": ("paper_repro.prepare", "verify and convert a CIFAR-10 archive into data/prepared/"),
     "train": ("paper_repro.train", "train one experiment of params.yaml into runs/<name>/"),
     "evaluate": ("paper_repro.evaluate", "evaluate one trained run into metrics/<name>.json"),
     "verify": ("paper_repro.verify", "check reported numbers and claims against metrics/"),
     "report": ("paper_repro.render", "execute the notebooks (papermill) into reports/ with HTML copies"),
+    "publish": ("paper_repro.publish", "write the committed bundle results/<profile>/ (or the README results block)"),
+    "grid": ("paper_repro.grid", "train and evaluate every out-of-date experiment as parallel jobs, then dvc commit"),
     "bench": ("paper_repro.bench", "time training steps: our loop versus a plain baseline loop"),
 }
 

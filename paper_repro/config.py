@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from . import recipe
+
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE_ENV = "CIFAR10_ARCHIVE"
@@ -40,7 +42,7 @@ class DataSettings:
     train_limit: int | None = None
     test_limit: int | None = None
     expect_counts: list[int] | None = dataclasses.field(default_factory=lambda: [50000, 10000])
-    val_size: int = 5000
+    val_size: int = recipe.VAL_IMAGES
     split_seed: int = 0
 
     def validate(self, at: str) -> None:
@@ -60,11 +62,12 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """An L-infinity PGD-style attack: eps and step in pixel units of [0,1] images."""
-    eps: float = 0.031
-    step: float = 0.007
-    steps: int = 10
-    random_start: bool = True
+    """An L-infinity PGD-style attack: eps and step in pixel units of [0,1] images (default: the paper's
+    training attack)."""
+    eps: float = recipe.TRAIN_PGD["eps"]
+    step: float = recipe.TRAIN_PGD["step"]
+    steps: int = recipe.TRAIN_PGD["steps"]
+    random_start: bool = recipe.TRAIN_PGD["random_start"]
 
     def validate(self, at: str) -> None:
         _check(0 < self.eps <= 1, f"{at}.eps must be in (0, 1], got {self.eps}")
@@ -75,9 +78,9 @@ class AttackSettings:
 @dataclass(frozen=True)
 class RelaxSettings:
     """BinaryRelax schedule: eta0 grows by rho each epoch until hard_epoch (phase 2: pure Q(W))."""
-    eta0: float = 1.0
-    rho: float = 1.05
-    hard_epoch: int = 120
+    eta0: float = recipe.RELAX["eta0"]
+    rho: float = recipe.RELAX["rho"]
+    hard_epoch: int = recipe.RELAX["hard_epoch"]
 
     def validate(self, at: str) -> None:
         _check(self.eta0 > 0, f"{at}.eta0 must be > 0, got {self.eta0}")
@@ -87,15 +90,17 @@ class RelaxSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    milestones: list[int] = field(default_factory=lambda: [80, 120, 160])
-    lr_gamma: float = 0.1
-    augment: bool = True
+    epochs: int = recipe.EPOCHS
+    batch_size: int = recipe.BATCH_SIZE
+    lr: float = recipe.LR
+    momentum: float = recipe.MOMENTUM
+    nesterov: bool = recipe.NESTEROV
+    weight_decay: float = recipe.WEIGHT_DECAY
+    milestones: list[int] = field(default_factory=lambda: list(recipe.MILESTONES))
+    lr_gamma: float = recipe.LR_GAMMA
+    schedule: Literal["step", "onecycle"] = recipe.SCHEDULE   # step: x lr_gamma at milestones (paper); onecycle: see lr_at
+    onecycle_peak: float = 0.25                       # onecycle: fraction of training spent warming up to lr
+    augment: bool = recipe.AUGMENT
     pgd: AttackSettings = field(default_factory=AttackSettings)
     relax: RelaxSettings = field(default_factory=RelaxSettings)
     val_attack: AttackSettings = field(default_factory=AttackSettings)
@@ -115,6 +120,7 @@ class TrainSettings:
         _check(0 < self.lr_gamma <= 1, f"{at}.lr_gamma must be in (0, 1], got {self.lr_gamma}")
         _check(list(self.milestones) == sorted(self.milestones) and all(m >= 1 for m in self.milestones),
                f"{at}.milestones must be increasing epochs >= 1, got {self.milestones}")
+        _check(0 < self.onecycle_peak < 1, f"{at}.onecycle_peak must be in (0, 1), got {self.onecycle_peak}")
         _check(self.relax.hard_epoch <= self.epochs,
                f"{at}.relax.hard_epoch ({self.relax.hard_epoch}) must be <= {at}.epochs ({self.epochs})")
         _positive_or_none(self.val_examples, f"{at}.val_examples")
@@ -136,13 +142,14 @@ class EvalAttack:
     number of noise draws averaged per gradient (1 on a model without active noise).
     """
     attack: str
-    eps: float = 0.031
+    eps: float = recipe.PAPER_EPS
     options: dict[str, Any] = field(default_factory=dict)
     eot: int = 1
     noise: bool = True
     noisy_only: bool = False
     paper_column: str | None = None
     label: str | None = None
+    n_examples: int | None = None  # test images for this attack (null: evaluate.n_examples / audit_examples)
 
     NAMES: typing.ClassVar[tuple[str, ...]] = (
         "natural", "fgsm", "ifgsm20", "pgd", "cw_ref", "cw_linf", "autoattack")
@@ -151,6 +158,7 @@ class EvalAttack:
         _check(self.attack in self.NAMES, f"{at}.attack must be one of {self.NAMES}, got {self.attack!r}")
         _check(0 <= self.eps <= 1, f"{at}.eps must be in [0, 1], got {self.eps}")
         _check(self.eot >= 1, f"{at}.eot must be >= 1, got {self.eot}")
+        _positive_or_none(self.n_examples, f"{at}.n_examples")
         for key in ("eps", "eot", "generator", "seed", "model", "x", "y"):
             _check(key not in self.options, f"{at}.options.{key} is set by the evaluation itself; remove it")
 
@@ -171,12 +179,12 @@ class EvaluateSettings:
         """The paper's columns A1-A4 (paper-spec section 6)."""
         return {
             "natural": EvalAttack("natural", eps=0.0, paper_column="A1", label="natural (clean) accuracy"),
-            "fgsm": EvalAttack("fgsm", eps=0.031, paper_column="A2", label="FGSM, one sign step"),
-            "ifgsm20": EvalAttack("ifgsm20", eps=0.031, paper_column="A3",
+            "fgsm": EvalAttack("fgsm", eps=recipe.PAPER_EPS, paper_column="A2", label="FGSM, one sign step"),
+            "ifgsm20": EvalAttack("ifgsm20", eps=recipe.PAPER_EPS, paper_column="A3",
                                   label="IFGSM20: 20 steps of 1/255, no random start"),
             # Reference quirk kept as the default because it produced the reported A4 numbers: under
             # PyTorch 0.4 the reference's w, x and the rescaled image share storage ("aliased").
-            "cw_ref": EvalAttack("cw_ref", eps=0.031, paper_column="A4", options={"variant": "aliased"},
+            "cw_ref": EvalAttack("cw_ref", eps=recipe.PAPER_EPS, paper_column="A4", options={"variant": "aliased"},
                                  label="C&W, the reference variant (not standard Carlini-Wagner; unclamped; "
                                        "reference aliasing of w and x reproduced)"),
         }
@@ -203,19 +211,19 @@ class EvaluateSettings:
         _check(all(s >= 0 for s in seeds) and len(set(seeds)) == len(seeds),
                f"{key} must be distinct seeds >= 0, got {seeds}")
 
-    n_examples: int | None = 10000
+    n_examples: int | None = recipe.TEST_IMAGES
     batch_size: int = 500
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list[int] = field(default_factory=lambda: list(range(recipe.EVAL_SEEDS)))
     attacks: dict[str, EvalAttack] = field(default_factory=paper_attacks)
     audit: bool = True
     audit_examples: int | None = 1000
     audit_seeds: list[int] | None = None
-    audit_eps: list[float] = field(default_factory=lambda: [0.031, 8 / 255])
+    audit_eps: list[float] = field(default_factory=lambda: [recipe.PAPER_EPS, 8 / 255])
     audit_attacks: dict[str, EvalAttack] = field(default_factory=audit_defaults)
     sanity: bool = True
     sanity_examples: int | None = 500
     sanity_seed: int = 0
-    sanity_eps: list[float] = field(default_factory=lambda: [0.031, 0.1, 0.3, 1.0])
+    sanity_eps: list[float] = field(default_factory=lambda: [recipe.PAPER_EPS, 0.1, 0.3, 1.0])
     sanity_steps: list[int] = field(default_factory=lambda: [10, 50, 100])
     sanity_eot: int = 1
     sanity_zero_acc: float = 2.0
@@ -299,8 +307,8 @@ class Experiment:
 LOSS_DEFAULTS: dict[str, dict[str, float]] = {
     "natural": {},
     "pgd_at": {},
-    "tradeoff": {"w_adv": 8.0, "w_nat": 1.0},
-    "trades": {"beta": 4.0},
+    "tradeoff": dict(recipe.TRADEOFF_WEIGHTS),
+    "trades": {"beta": recipe.TRADES_BETA},
 }
 LOSS_PARAM_KEYS = {k: set(v) for k, v in LOSS_DEFAULTS.items()}
 

@@ -230,9 +230,9 @@ def prepare(source: str, out: Path, *, md5: str | None = None, train_limit: int 
     x_train, y_train = x_train[:train_limit], y_train[:train_limit]
     x_test, y_test = x_test[:test_limit], y_test[:test_limit]
     file_md5 = {name: hashlib.md5(blob).hexdigest() for name, blob in sorted(members.items())}
-    meta = {
-        "source": source,
-        "archive": str(archive),
+    meta = {  # file names, never machine paths: this record travels into published results
+        "source": source if is_url(source) else Path(source).name,
+        "archive": Path(archive).name,
         "archive_md5": archive_md5,
         "archive_bytes": archive.stat().st_size,
         "files_md5": file_md5,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import inspect
 import io
 import json
@@ -36,16 +35,11 @@ from .data import load_prepared, provenance
 from .loader import pick_device
 from .models import build
 from .models.enresnet import derive_seed
-from .train import RunPaths, channels_last_for, device_name
+from .metrics_schema import SCHEMA_VERSION, validate_metrics
+from .runtime import RunPaths, channels_last_for, device_name
 
-SCHEMA_VERSION = 1
-PAPER_KEYS = ("natural", "fgsm", "ifgsm20", "cw_ref")
-PAPER_COLUMNS = ("A1", "A2", "A3", "A4")
-METHODS = ("BR", "BC", "none")
 CI_LEVEL = 0.95
-SUMMARY_BASE = ("run", "model", "quantizer", "method", "loss", "profile", "official")
-SUMMARY_TAIL = ("sparsity_weight", "sparsity_channel", "size_compression", "n_examples", "n_seeds", "noise",
-                "sanity_failed")
+SMALL_WEIGHT_THRESHOLD = 1e-3  # |w| below this counts as small (sibling paper, paper-spec section 8)
 #: Label used when an attack entry gives none (cw_ref must always say it is the reference variant).
 FUNCTION_LABELS = {
     "natural": "natural (clean) accuracy", "fgsm": "FGSM", "ifgsm20": "IFGSM20", "pgd": "PGD",
@@ -77,7 +71,8 @@ def eps_label(eps: float) -> str:
 def plan(ev: EvaluateSettings, n_available: int, noisy: bool) -> tuple[list[Job], dict[str, str]]:
     """The jobs of one evaluation and the attacks skipped (key -> reason)."""
     n_main = min(ev.n_examples or n_available, n_available)
-    jobs = [Job(key, spec, 0.0 if spec.attack == "natural" else spec.eps, False, n_main, tuple(ev.seeds))
+    jobs = [Job(key, spec, 0.0 if spec.attack == "natural" else spec.eps, False,
+                min(spec.n_examples or n_main, n_available), tuple(ev.seeds))
             for key, spec in ev.attacks.items()]
     skipped: dict[str, str] = {}
     if not ev.audit:
@@ -90,7 +85,7 @@ def plan(ev: EvaluateSettings, n_available: int, noisy: bool) -> tuple[list[Job]
             if spec.noisy_only and not noisy:
                 skipped[key] = "the model has no active noise; this attack is for randomized models"
             else:
-                jobs.append(Job(key, spec, eps, True, n_audit, seeds))
+                jobs.append(Job(key, spec, eps, True, min(spec.n_examples or n_audit, n_main), seeds))
     return jobs, skipped
 
 
@@ -276,13 +271,30 @@ def load_run(run_dir: Path, device: torch.device,
     return model, tensors, sidecar
 
 
+IDENTITY_FIELDS = ("model", "quantizer", "quantizer_options", "method", "loss", "loss_params", "noise")
+
+
+def expected_identity(experiment: Experiment) -> dict[str, Any]:
+    """What a run folder of ``experiment`` must have been trained as (the sidecar's fields)."""
+    return {"model": experiment.model, "quantizer": experiment.quantizer,
+            "quantizer_options": dict(experiment.quantizer_options),
+            "method": experiment.method if experiment.quantized else "none", "loss": experiment.loss,
+            "loss_params": experiment.resolved_loss_params(), "noise": experiment.noise}
+
+
 def check_identity(experiment: Experiment, sidecar: Mapping[str, Any], run_dir: Path) -> None:
-    """The run folder must hold what params.yaml says the experiment is."""
-    expected = {"model": experiment.model, "quantizer": experiment.quantizer, "loss": experiment.loss}
-    for key, value in expected.items():
-        if sidecar.get(key, value) != value:
+    """The run folder must hold what params.yaml says the experiment is: the whole experiment
+    (model, quantizer and its options, method, loss and its weights, noise); a missing key is a mismatch."""
+    for key, value in expected_identity(experiment).items():
+        if key not in sidecar:
+            raise ConfigError(f"{run_dir}: its sidecar does not record {key!r}, so it cannot be shown to be "
+                              f"experiment {experiment.name}: retrain it")
+        have = sidecar[key]
+        if key == "loss_params":
+            have = {k: float(v) for k, v in (have or {}).items()}
+        if have != value:
             raise ConfigError(f"experiments.{experiment.name}.{key} is {value!r} but {run_dir} was trained with "
-                              f"{sidecar.get(key)!r}: retrain or evaluate the matching experiment")
+                              f"{have!r}: retrain or evaluate the matching experiment")
 
 
 def find_twin(settings: Settings, experiment: Experiment) -> Experiment | None:
@@ -431,6 +443,65 @@ def weights_report(ev: EvaluateSettings, run: str, model: nn.Module, tensors: Ma
     return doc, size, packed
 
 
+def init_sparsity(sidecar: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Sparsity of the same quantizer applied to the network at initialisation (same architecture and
+    training seed): what a quantizer gives by construction, before training (ternary zeroes about 42%
+    and 4-bit about 23% of Gaussian weights). The baseline a trained model's sparsity is judged against."""
+    from .quant import project, summary
+
+    quantized = list(sidecar.get("quantized") or [])
+    if not quantized:
+        return None
+    scheme, opts = sidecar.get("quantizer", "none"), dict(sidecar.get("quantizer_options") or {})
+    train_seed = int((sidecar.get("train") or {}).get("seed", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train_seed)
+        fresh = build(sidecar["arch"], **sidecar.get("arch_config", {}))
+    state = {k: v.detach() for k, v in fresh.state_dict().items()}
+    tensors = {k: (project(v, scheme, **opts) if k in quantized else v) for k, v in state.items()}
+    doc = summary(tensors, quantized)
+    return _rounded({"weight": doc["weight"], "channel": doc["channel"], "filter": doc["filter"],
+                     "counts": doc["counts"], "train_seed": train_seed,
+                     "note": "quantizer applied to the untrained network (same architecture and seed)"})
+
+
+def small_weights(run_dir: Path, threshold: float = SMALL_WEIGHT_THRESHOLD) -> dict[str, Any] | None:
+    """Share of float conv weights (4-D tensors of the selected epoch's W) with |w| < threshold: the
+    sibling paper's statistic (8.66% after natural vs 3.64% after adversarial training, ResNet20)."""
+    path = RunPaths(run_dir).float_weights
+    if not path.is_file():
+        return None
+    tensors, _ = checkpoint.load(path, "cpu")
+    kernels = [t for t in tensors.values() if t.ndim == 4]
+    total = sum(t.numel() for t in kernels)
+    if not total:
+        return None
+    small = sum(int((t.abs() < threshold).sum()) for t in kernels)
+    return {"threshold": threshold, "share": round(100.0 * small / total, 2), "count": small, "total": total,
+            "tensors": "float W of the selected epoch, conv kernels (4-D)"}
+
+
+def training_record(sidecar: Mapping[str, Any], train_summary: Mapping[str, Any]) -> dict[str, Any]:
+    """How the model was trained, as it was in effect: the recipe fingerprint verify compares with the
+    paper's, the selection rule and whether a quantized run ever trained quantized (phase 2)."""
+    selected = dict(sidecar.get("selected") or train_summary.get("selected") or {})
+    history = train_summary.get("history") or []
+    phase2 = train_summary.get("phase2_epochs")
+    if phase2 is None and history:
+        phase2 = sum(1 for h in history if h.get("phase") == 2)
+    quantized = bool(sidecar.get("quantized"))
+    return {
+        "settings": dict(sidecar.get("train") or {}),
+        "split": dict(sidecar.get("split") or {}),
+        "selection_metric": sidecar.get("selection_metric") or selected.get("metric"),
+        "selected": selected,
+        "epochs_done": len(history) if history else None,
+        "phase2_epochs": phase2,
+        "trained_quantized": (not quantized) or bool(phase2),
+        "wall_s": train_summary.get("wall_s"),
+    }
+
+
 def _rounded(obj: Any, digits: int = 4) -> Any:
     """Floats rounded (sparsity/size percentages and ratios), structure kept."""
     if isinstance(obj, float):
@@ -481,6 +552,9 @@ def assemble(settings: Settings, experiment: Experiment, run_dir: Path, sidecar:
         "skipped": skipped_attacks,
         "sanity": flags,
         "sparsity": sparsity,
+        "sparsity_at_init": init_sparsity(sidecar),
+        "small_weights": small_weights(run_dir),
+        "training": training_record(sidecar, train_summary),
         "size": size,
         "packed": packed,
         "data": {**data_doc, "n_eval": max((j.n for j in jobs), default=0),
@@ -529,195 +603,16 @@ def write_json(path: Path, obj: Any) -> None:
     atomic.write_json(path, obj, indent=1)
 
 
-# --------------------------------------------------------------------------- schema
-def _fail(key: str, message: str) -> None:
-    raise ValueError(f"metrics: {key} {message}")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _require(m: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
-    full = f"{where}{key}"
-    if not isinstance(m, Mapping) or key not in m:
-        _fail(full, "is missing")
-    value = m[key]
-    if kind is float:
-        if not _is_number(value):
-            _fail(full, f"must be a number, got {value!r}")
-    elif kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(full, f"must be an integer, got {value!r}")
-    elif not isinstance(value, kind):
-        _fail(full, f"must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
-    return value
-
-
-def _validate_entry(key: str, e: Any) -> None:
-    at = f"accuracy.{key}."
-    if not isinstance(e, Mapping):
-        _fail(f"accuracy.{key}", "must be a mapping")
-    _require(e, "attack", str, at)
-    _require(e, "eps", float, at)
-    n = _require(e, "n", int, at)
-    if n < 1:
-        _fail(f"{at}n", f"must be >= 1, got {n}")
-    mean = _require(e, "mean", float, at)
-    if not 0 <= mean <= 100:
-        _fail(f"{at}mean", f"must be a percentage in [0, 100], got {mean}")
-    if e.get("std") is not None and not (_is_number(e["std"]) and e["std"] >= 0):
-        _fail(f"{at}std", f"must be a number >= 0 or null, got {e.get('std')!r}")
-    if "std" not in e:
-        _fail(f"{at}std", "is missing")
-    ci = e.get("ci95", "missing")
-    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(map(_is_number, ci)) and ci[0] <= ci[1]):
-        _fail(f"{at}ci95", f"must be [low, high] or null, got {ci!r}")
-    per_seed = _require(e, "per_seed", list, at)
-    correct = _require(e, "correct", list, at)
-    if not per_seed or len(per_seed) != len(correct):
-        _fail(f"{at}correct", f"must list one count per seed ({len(per_seed)} per_seed values), got {len(correct)}")
-    for p, c in zip(per_seed, correct):
-        if not (_is_number(p) and isinstance(c, int) and 0 <= c <= n and abs(100.0 * c / n - p) <= 0.006):
-            _fail(f"{at}per_seed", f"{p!r} does not match correct count {c!r} of n = {n}")
-    if abs(sum(per_seed) / len(per_seed) - mean) > 0.02:
-        _fail(f"{at}mean", f"{mean} is not the mean of per_seed {per_seed}")
-    eot = _require(e, "eot", int, at)
-    if eot < 1:
-        _fail(f"{at}eot", f"must be >= 1, got {eot}")
-    _require(e, "settings", Mapping, at)
-    if "paper_column" in e and e["paper_column"] not in PAPER_COLUMNS:
-        _fail(f"{at}paper_column", f"must be one of {PAPER_COLUMNS}, got {e['paper_column']!r}")
-
-
-def validate_metrics(m: Any) -> None:
-    """Raise ValueError naming the first key of ``m`` that breaks the metrics schema (docs/contracts.md).
-
-    Checks the documented keys and their types; keys added later are allowed.
-    """
-    if not isinstance(m, Mapping):
-        raise ValueError(f"metrics: the document must be a mapping, got {type(m).__name__}")
-    if m.get("schema_version") != SCHEMA_VERSION:
-        _fail("schema_version", f"must be {SCHEMA_VERSION}, got {m.get('schema_version')!r}")
-    for key in ("run", "profile", "model", "loss"):
-        _require(m, key, str)
-    if _require(m, "quantizer", str) not in config.QUANTIZERS:
-        _fail("quantizer", f"must be one of {config.QUANTIZERS}, got {m['quantizer']!r}")
-    if _require(m, "method", str) not in METHODS:
-        _fail("method", f"must be one of {METHODS}, got {m['method']!r}")
-    if m["loss"] not in config.LOSSES:
-        _fail("loss", f"must be one of {config.LOSSES}, got {m['loss']!r}")
-    _require(m, "loss_params", Mapping)
-    _require(m, "noise", bool)
-    if _require(m, "n_examples", int) < 1:
-        _fail("n_examples", f"must be >= 1, got {m['n_examples']}")
-    seeds = _require(m, "seeds", list)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        _fail("seeds", f"must be a non-empty list of integers, got {seeds!r}")
-    acc = _require(m, "accuracy", Mapping)
-    if not acc:
-        _fail("accuracy", "must hold at least one attack")
-    for key, entry in acc.items():
-        _validate_entry(key, entry)
-    for key, flag_ in _require(m, "sanity", Mapping).items():
-        if not isinstance(flag_, Mapping):
-            _fail(f"sanity.{key}", "must be a mapping")
-        if "passed" not in flag_ or not (flag_["passed"] is None or isinstance(flag_["passed"], bool)):
-            _fail(f"sanity.{key}.passed", f"must be true, false or null (skipped), got {flag_.get('passed')!r}")
-        _require(flag_, "detail", str, f"sanity.{key}.")
-        _require(flag_, "values", Mapping, f"sanity.{key}.")
-    sp = _require(m, "sparsity", Mapping)
-    for key in ("weight", "channel", "filter", "model_weight"):
-        if key not in sp or not (sp[key] is None or (_is_number(sp[key]) and 0 <= sp[key] <= 100)):
-            _fail(f"sparsity.{key}", f"must be a percentage in [0, 100] or null, got {sp.get(key, 'missing')!r}")
-    layers = _require(sp, "layers", list, "sparsity.")
-    for i, row in enumerate(layers):
-        if not isinstance(row, Mapping) or not isinstance(row.get("name"), str):
-            _fail(f"sparsity.layers[{i}]", "must be a mapping with a name")
-    size = _require(m, "size", Mapping)
-    for key in ("bits_per_quantized_weight", "packed_bytes", "fp32_bytes", "compression"):
-        if key not in size or not (size[key] is None or _is_number(size[key])):
-            _fail(f"size.{key}", f"must be a number or null, got {size.get(key, 'missing')!r}")
-    data = _require(m, "data", Mapping)
-    _require(data, "official", bool, "data.")
-    for key in ("archive_md5", "source", "n_train", "n_test"):
-        if key not in data:
-            _fail(f"data.{key}", "is missing")
-    prov = _require(m, "provenance", Mapping)
-    for key in ("epochs", "train_seed", "versions", "device", "wall_s"):
-        if key not in prov:
-            _fail(f"provenance.{key}", "is missing")
-
-
-# --------------------------------------------------------------------------- summary.csv
-def summary_row(m: Mapping[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {k: m.get(k) for k in SUMMARY_BASE[:-1]}
-    row["official"] = m["data"]["official"]
-    for attack, entry in m["accuracy"].items():
-        row[f"{attack}_mean"], row[f"{attack}_std"] = entry["mean"], entry.get("std")
-    failed = sorted(k for k, v in m.get("sanity", {}).items() if v.get("passed") is False)
-    row.update(sparsity_weight=m["sparsity"].get("weight"), sparsity_channel=m["sparsity"].get("channel"),
-               size_compression=m["size"].get("compression"), n_examples=m["n_examples"], n_seeds=len(m["seeds"]),
-               noise=m["noise"], sanity_failed=";".join(failed))
-    return row
-
-
-COMPACT_KEYS = ("natural_mean", "fgsm_mean", "ifgsm20_mean", "cw_ref_mean", "sparsity_weight", "sparsity_channel",
-                "size_compression")
-
-
-def compact(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """run -> the paper's columns, sparsity and compression: the small table `dvc metrics show` prints."""
-    return {row["run"]: {k: row.get(k) for k in COMPACT_KEYS if row.get(k) is not None} for row in rows}
-
-
-def summarize(metrics_dir: str | Path = "metrics", out: str | Path | None = None,
-              json_out: str | Path | None = None) -> Path:
-    """``out`` (default metrics/summary.csv): one row per metrics/<run>.json (validated), columns as
-    docs/contracts.md; ``json_out``: the compact per-run table (`compact`) as JSON for DVC."""
-    metrics_dir = Path(metrics_dir)
-    docs = []
-    for path in sorted(metrics_dir.glob("*.json")):
-        doc = json.loads(path.read_text())
-        if not isinstance(doc, dict) or "schema_version" not in doc:
-            continue  # not a metrics document
-        try:
-            validate_metrics(doc)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-        docs.append(doc)
-    rows = [summary_row(m) for m in docs]
-    attacks_seen = list(dict.fromkeys([*(k for k in PAPER_KEYS if any(k in m["accuracy"] for m in docs)),
-                                       *(k for m in docs for k in m["accuracy"])]))
-    columns = [*SUMMARY_BASE, *(f"{a}_{s}" for a in attacks_seen for s in ("mean", "std")), *SUMMARY_TAIL]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    out = Path(out) if out is not None else metrics_dir / "summary.csv"
-    atomic.write_text(out, buffer.getvalue())
-    if json_out is not None:
-        atomic.write_json(json_out, compact(rows), indent=1, sort_keys=True)
-    return out
-
-
 # --------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", "-e", help="name of an entry of params.yaml's experiments")
+    p.add_argument("--experiment", "-e", required=True, help="name of an entry of params.yaml's experiments")
     p.add_argument("--run-dir", type=Path, help="trained run folder (default: runs/<experiment>)")
     p.add_argument("--out", type=Path, help="metrics file (default: metrics/<experiment>.json)")
-    p.add_argument("--summary", action="store_true", help="write metrics/summary.csv from metrics/*.json instead")
-    p.add_argument("--metrics-dir", type=Path, default=Path("metrics"), help="for --summary (default: metrics)")
-    p.add_argument("--summary-out", type=Path, help="for --summary (default: <metrics-dir>/summary.csv)")
-    p.add_argument("--summary-json", type=Path, help="for --summary: also write the compact per-run table as JSON")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.summary:
-        print(f"wrote {summarize(args.metrics_dir, args.summary_out, args.summary_json)}")
-        return 0
     if not args.experiment:
-        raise ConfigError("evaluate needs --experiment NAME (or --summary)")
+        raise ConfigError("evaluate needs --experiment NAME")
     settings = config.load(args.params, args.overrides)
     experiment = settings.experiment(args.experiment)
     run_dir = args.run_dir or Path("runs") / experiment.name

@@ -8,6 +8,7 @@ terminal outputs (they change bytes on every run); numbers flow through metrics/
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", type=Path, default=Path("metrics"))
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--only", nargs="+", help="notebook names (stems) to run")
+    p.add_argument("--bundle", type=Path,
+                   help="rebuild from a published bundle (results/<profile>/) instead: its metrics, packed models, "
+                        "verification and notebook parameters; no params.yaml, training or dataset needed")
+
+
+def bundle_inputs(bundle: Path, out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Notebook parameters that point at a published bundle (see publish.py)."""
+    manifest = bundle / "bundle.json"
+    if not manifest.is_file():
+        raise config.ConfigError(f"{bundle}: not a published bundle (no bundle.json); see `python -m paper_repro "
+                                 f"publish --help`")
+    params = json.loads((bundle / "report_params.json").read_text())
+    base = {"metrics_dir": str(bundle / "metrics"), "runs_dir": str(bundle / "models"),
+            "data_meta": str(bundle / "data.json"), "out_dir": str(out), "profile": params["profile"],
+            "verification_json": str(bundle / "verification.json")}
+    return base, params.get("notebooks", {}) or {}
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = config.load(args.params, args.overrides)
     notebooks = args.notebooks or Path(__file__).resolve().parents[1] / "notebooks"
+    if args.bundle:
+        base, per_notebook = bundle_inputs(args.bundle, args.out)
+        render(notebooks, args.out, base, per_notebook, args.only, args.quiet)
+        print(f"report: rebuilt from {args.bundle} into {args.out}")
+        return 0
+    settings = config.load(args.params, args.overrides)
     base = {"metrics_dir": str(args.metrics), "runs_dir": str(args.runs),
             "data_meta": str(Path(settings.data.prepared) / "meta.json"), "out_dir": str(args.out),
             "profile": settings.profile, "verification_json": str(args.out / "verification.json")}

@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 
 from . import atomic
+from . import checks, recipe
 from . import claims as C
 
 NOT_COMPARABLE = "NOT COMPARABLE WITH THE PAPER"
 NOT_RUN = "not run in this profile"
 PAPER_ATTACKS = ("natural", "fgsm", "ifgsm20", "cw_ref")
-PAPER_COLUMNS = {"natural": "A1", "fgsm": "A2", "ifgsm20": "A3", "cw_ref": "A4"}
+PAPER_COLUMNS = recipe.PAPER_COLUMNS
 ATTACK_LABELS = {"natural": "A1 natural", "fgsm": "A2 FGSM", "ifgsm20": "A3 IFGSM20",
                  "cw_ref": "A4 C&W (ref. variant)"}
 QUANT_ORDER = ("none", "binary", "ternary", "4bit", "kbit")
@@ -114,7 +115,7 @@ def runs_frame(metrics: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per run: identity, provenance, accuracy mean/std per attack, sparsity, size."""
     rows = []
     for m in metrics:
-        parsed = C.ensemble_size(m.get("model", "")) or (None, None)
+        parsed = checks.ensemble_size(m.get("model", "")) or (None, None)
         weights = loss_weights(m) or (None, None)
         row = {"run": m.get("run"), "model": m.get("model"), "k": parsed[0], "depth_model": parsed[1],
                "quantizer": m.get("quantizer"), "method": m.get("method"), "loss": m.get("loss"),
@@ -205,19 +206,18 @@ def key_value_frame(d: Mapping[str, Any], prefix: str = "") -> pd.DataFrame:
 # Notebook-specific tables
 # --------------------------------------------------------------------------------------------
 
-def registry_rows(metrics: Sequence[Mapping[str, Any]], keep: Callable[[C.NumericClaim], bool],
-                  runs_dir: str | Path | None = None,
+def registry_rows(verification: str | Path | Mapping[str, Any], keep: Callable[[C.NumericClaim], bool],
                   registry: str | Path | None = None) -> pd.DataFrame:
-    """verify's rows for the registry numbers where keep(claim) is true."""
-    from .verify import evaluate_numeric
+    """The verify stage's rows (verification.json: verdicts are never recomputed here) for the registry
+    numbers where keep(claim) is true."""
+    report = verification if isinstance(verification, Mapping) else (read_json(verification) or {})
+    wanted = {c.id for c in C.load_registry(registry).numeric if keep(c)}
+    return pd.DataFrame([r for r in report.get("numeric", []) if r["id"] in wanted])
 
-    reg = C.load_registry(registry)
-    return pd.DataFrame([evaluate_numeric(c, metrics, runs_dir) for c in reg.numeric if keep(c)])
 
-
-def reported_vs_reproduced(metrics: Sequence[Mapping[str, Any]], *, source: str, models: Sequence[str],
+def reported_vs_reproduced(verification: str | Path | Mapping[str, Any], *, source: str, models: Sequence[str],
                            loss: str = "pgd_at", quantizer: str = C.FLOAT, dataset: str = "cifar10",
-                           runs_dir: str | Path | None = None, registry: str | Path | None = None) -> pd.DataFrame:
+                           registry: str | Path | None = None) -> pd.DataFrame:
     """Registry numbers of one source next to the reproduced ones (long: model x paper column)."""
     def keep(c: C.NumericClaim) -> bool:
         sel = dict(c.maps_to.select) if c.maps_to else {}
@@ -227,7 +227,7 @@ def reported_vs_reproduced(metrics: Sequence[Mapping[str, Any]], *, source: str,
 
     columns = ["model", "column", "attack", "id", "reported", "reproduced", "std", "difference", "tolerance",
                "verdict", "run"]
-    rows = registry_rows(metrics, keep, runs_dir, registry)
+    rows = registry_rows(verification, keep, registry)
     if rows.empty:
         return pd.DataFrame(columns=columns)
     rows["model"] = [sel.get("model") for sel in rows["select"]]
@@ -344,19 +344,36 @@ def verification_frame(report: Mapping[str, Any], kind: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 def load_weights(runs_dir: str | Path, run: str, kind: str = "deployed") -> dict[str, np.ndarray] | None:
-    """runs/<run>/<kind>.safetensors as numpy arrays (no torch); None when absent."""
+    """runs/<run>/<kind>.safetensors as numpy arrays; in a published bundle (runs_dir = its models/ folder)
+    the deployed weights come from the packed <run>.safetensors. None when absent."""
     path = Path(runs_dir) / run / f"{kind}.safetensors"
+    packed = Path(runs_dir) / f"{run}.safetensors"
     if not path.is_file():
-        return None
+        if kind != "deployed" or not packed.is_file():
+            return None
+        from .quant import load_packed
+
+        tensors, _ = load_packed(packed)
+        return {k: v.numpy() for k, v in tensors.items()}
     from safetensors.numpy import load_file
 
     return load_file(str(path))
 
 
 def quantized_names(runs_dir: str | Path, run: str, tensors: Mapping[str, np.ndarray]) -> list[str]:
-    """Names listed as quantized in deployed.json, else every 3x3 conv kernel."""
+    """Names listed as quantized in deployed.json (or the packed header of a bundle), else every 3x3 conv kernel."""
     sidecar = read_json(Path(runs_dir) / run / "deployed.json") or {}
-    names = [n for n in sidecar.get("quantized") or [] if n in tensors]
+    listed = list(sidecar.get("quantized") or [])
+    packed = Path(runs_dir) / f"{run}.safetensors"
+    if not listed and packed.is_file():
+        from safetensors import safe_open
+
+        from .quant.packing import HEADER_KEY
+
+        with safe_open(str(packed), framework="numpy") as f:
+            header = json.loads((f.metadata() or {}).get(HEADER_KEY, "{}"))
+        listed = [n for n, e in (header.get("tensors") or {}).items() if e.get("kind") == "quantized"]
+    names = [n for n in listed if n in tensors]
     return names or [n for n, t in tensors.items() if t.ndim == 4 and t.shape[2:] == (3, 3)]
 
 

@@ -12,15 +12,12 @@ an uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ from . import atomic, checkpoint, config
 from .config import Experiment, Settings
 from .data import load_prepared, provenance, validation_split
 from .loader import DeviceLoader, pick_device
+from .runtime import RunPaths, autocast, channels_last_for, device_name, use_amp
 from .losses import Objective, objective_for
 from .models import build
 from .models.enresnet import derive_seed
@@ -44,27 +42,6 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good epoch checkpoint is kept."""
 
 
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    @property
-    def state(self) -> Path:  # resume state: float W, optimizer, schedule, history
-        return self.root / "state" / "last.safetensors"
-
-    @property
-    def deployed(self) -> Path:  # the selected model as deployed: Q(W) for quantized tensors
-        return self.root / "deployed.safetensors"
-
-    @property
-    def float_weights(self) -> Path:  # the float W of the selected epoch
-        return self.root / "float.safetensors"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "train.json"
-
-
 # --------------------------------------------------------------------------- set-up
 def fingerprint(settings: Settings, experiment: Experiment, data_md5: str | None) -> str:
     """What a resumed run must share with the run it continues."""
@@ -74,17 +51,33 @@ def fingerprint(settings: Settings, experiment: Experiment, data_md5: str | None
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def lr_at(epoch: int, settings: Settings) -> float:
+def lr_at(epoch: float, settings: Settings) -> float:
+    """Learning rate at a (fractional) epoch. step: the paper's piecewise constant schedule (x lr_gamma
+    at each milestone). onecycle: linear warm-up from 0 to lr over the first onecycle_peak of training,
+    then linear decay to 0 (the shortened-schedule choice of airbench-style CPU/GPU runs)."""
     t = settings.train
-    return t.lr * t.lr_gamma ** sum(epoch >= m for m in t.milestones)
+    if t.schedule == "onecycle":
+        progress = min(max(epoch / t.epochs, 0.0), 1.0)
+        peak = t.onecycle_peak
+        return t.lr * (progress / peak if progress < peak else (1.0 - progress) / (1.0 - peak))
+    return t.lr * t.lr_gamma ** sum(int(epoch) >= m for m in t.milestones)
 
 
-def use_amp(settings: Settings, device: torch.device) -> bool:
-    return settings.train.amp == "bf16" or (settings.train.amp == "auto" and device.type == "cuda")
+def selection_metric(experiment: Experiment) -> str:
+    """What picks the checkpoint: natural validation accuracy for natural training, robust (PGD)
+    validation accuracy for adversarial training, as the reference codes do for each regime."""
+    return "val_natural_acc" if experiment.loss == "natural" else "val_pgd_acc"
 
 
-def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def warn_no_phase2(settings: Settings, experiment: Experiment) -> str | None:
+    """A BR-quantized run whose schedule never reaches phase 2 deploys Q(W) of a network that never
+    trained quantized; say so (the run is still allowed, and flagged in train.json and metrics)."""
+    hard = settings.train.relax.hard_epoch
+    if experiment.quantized and experiment.method == "BR" and hard >= settings.train.epochs:
+        return (f"warning: {experiment.name}: train.relax.hard_epoch ({hard}) >= train.epochs "
+                f"({settings.train.epochs}): no phase-2 (quantized) epoch; the deployed Q(W) never trained "
+                f"quantized and the last epoch is used")
+    return None
 
 
 def make_model(experiment: Experiment, seed: int, device: torch.device, channels_last: bool) -> torch.nn.Module:
@@ -98,12 +91,6 @@ def make_relax(model: torch.nn.Module, experiment: Experiment, settings: Setting
     r = settings.train.relax
     return BinaryRelax(model, experiment.quantizer if experiment.quantized else None, method=experiment.method,
                        eta0=r.eta0, rho=r.rho, hard_epoch=r.hard_epoch, **experiment.quantizer_options)
-
-
-def channels_last_for(device: torch.device, settings: Settings) -> bool:
-    """channels_last pays on GPUs (tensor-core convs) and on CPU too (oneDNN NHWC convs: PGD-10 of a
-    resnet20 batch took 3.4 s instead of 4.4 s on the 2-core CI machine)."""
-    return settings.train.channels_last
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -124,8 +111,10 @@ def train_step(model: torch.nn.Module, relax: BinaryRelax, objective: Objective,
 
 
 def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective, loader: DeviceLoader,
-                optimizer: torch.optim.Optimizer, epoch: int, seed: int, amp: bool, quiet: bool
-                ) -> dict[str, float]:
+                optimizer: torch.optim.Optimizer, epoch: int, seed: int, amp: bool, quiet: bool,
+                settings: Settings | None = None) -> dict[str, float]:
+    """One pass over the training data; with ``settings`` the learning rate follows lr_at per step
+    (a one-cycle schedule moves within the epoch; the step schedule is constant within it)."""
     device = loader.device
     attack_gen = torch.Generator(device=device)
     attack_gen.manual_seed(derive_seed(seed, "attack", epoch))
@@ -137,6 +126,9 @@ def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective
                desc=f"epoch {epoch + 1}", unit="batch")
     start = time.perf_counter()
     for step, (x, y) in enumerate(bar, 1):
+        if settings is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch + (step - 1) / len(loader), settings)
         loss, logits = train_step(model, relax, objective, optimizer, x, y, attack_gen, amp)
         loss_sum += loss.detach().float() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
@@ -212,7 +204,7 @@ def save_selected(paths: RunPaths, model: torch.nn.Module, relax: BinaryRelax, s
 
 
 def run_sidecar(settings: Settings, experiment: Experiment, model: torch.nn.Module, relax: BinaryRelax,
-                data_meta: dict[str, Any], device: torch.device) -> dict[str, Any]:
+                data_meta: dict[str, Any], device: torch.device, split: dict[str, int] | None = None) -> dict[str, Any]:
     return {
         "arch": model.arch, "arch_config": model.arch_config, "run": experiment.name,
         "profile": settings.profile, "model": experiment.model,
@@ -220,14 +212,9 @@ def run_sidecar(settings: Settings, experiment: Experiment, model: torch.nn.Modu
         "method": experiment.method if experiment.quantized else "none",
         "quantized": list(relax.names), "loss": experiment.loss, "loss_params": experiment.resolved_loss_params(),
         "noise": experiment.noise, "train": config.to_dict(settings.train), "data": provenance(data_meta),
+        "split": dict(split or {}), "selection_metric": selection_metric(experiment),
         "device": device_name(device), "platform": platform.platform(),
     }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 # --------------------------------------------------------------------------- the run
@@ -258,6 +245,10 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
     amp = use_amp(settings, device)
     if t.compile and device.type == "cuda":
         model.forward = torch.compile(model.forward)
+    no_phase2 = warn_no_phase2(settings, experiment)
+    if no_phase2:
+        print(no_phase2, flush=True)
+    select_on = selection_metric(experiment)
 
     fp = fingerprint(settings, experiment, data.meta.get("archive_md5"))
     record: dict[str, Any] = {"fingerprint": fp, "epochs_done": 0, "history": [], "best": None, "wall_s": 0.0}
@@ -271,7 +262,9 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
     if record["epochs_done"] == 0:
         for stale in (paths.state.parent, live_dir):
             shutil.rmtree(stale, ignore_errors=True)
-    sidecar = run_sidecar(settings, experiment, model, relax, data.meta, device)
+    split = {"train_images": len(train_idx), "val_images": len(val_idx), "val_size": settings.data.val_size,
+             "split_seed": settings.data.split_seed}
+    sidecar = run_sidecar(settings, experiment, model, relax, data.meta, device, split)
 
     from dvclive import Live
     live_exists = (live_dir / "metrics.json").is_file()
@@ -286,17 +279,18 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
             start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch, settings)
-            stats = train_epoch(model, relax, objective, loader, optimizer, epoch, t.seed, amp, quiet)
+            stats = train_epoch(model, relax, objective, loader, optimizer, epoch, t.seed, amp, quiet, settings)
             stats.update(validate(model, relax, x_val, y_val, settings, amp))
-            stats.update(epoch=epoch + 1, lr=lr_at(epoch, settings), eta=relax.eta, phase=relax.phase(epoch))
+            stats.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], eta=relax.eta, phase=relax.phase(epoch))
             selectable = relax.selectable(epoch)
-            improved = selectable and (record["best"] is None or stats["val_pgd_acc"] > record["best"]["val_pgd_acc"])
+            improved = selectable and (record["best"] is None or stats[select_on] > record["best"][select_on])
             relax.end_epoch(epoch)
             record["wall_s"] += time.perf_counter() - start
             record["history"].append(stats)
             record["epochs_done"] = epoch + 1
             if improved:
-                record["best"] = {k: stats[k] for k in ("epoch", "val_pgd_acc", "val_natural_acc", "phase")}
+                record["best"] = {**{k: stats[k] for k in ("epoch", "val_pgd_acc", "val_natural_acc", "phase")},
+                                  "metric": select_on}
                 save_selected(paths, model, relax, {**sidecar, "selected": record["best"]})
             save_state(paths, model, optimizer, relax, record)
             log_epoch(live, stats)
@@ -307,9 +301,12 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
 
     if record["best"] is None:  # e.g. hard_epoch == epochs: no fully quantized epoch to choose from
         record["best"] = {**{k: record["history"][-1][k] for k in ("epoch", "val_pgd_acc", "val_natural_acc",
-                                                                 "phase")}, "fallback": "last epoch"}
+                                                                 "phase")}, "metric": select_on,
+                          "fallback": "last epoch: no phase-2 epoch"}
         save_selected(paths, model, relax, {**sidecar, "selected": record["best"]})
+    phase2 = sum(1 for h in record["history"] if h["phase"] == 2)
     summary = {**sidecar, "selected": record["best"], "epochs": t.epochs, "history": record["history"],
+               "phase2_epochs": phase2, "trained_quantized": (not experiment.quantized) or phase2 > 0,
                "wall_s": record["wall_s"], "versions": checkpoint.versions(), "fingerprint": fp}
     atomic.write_json(paths.summary, summary, indent=2, sort_keys=True)
     return summary

@@ -1,8 +1,10 @@
 """verify: the claims registry against metrics/ -> reports/verification.md and .json.
 
 Why: one table that answers, per reported number and per qualitative claim, "does it hold, on
-which data, with which run?". Verdicts: reproduced / not reproduced / not run / not comparable /
-pending (see claims.py for the rules). With --strict the exit code is non-zero when a comparable
+which data, with which run?". Verdicts: reproduced / not reproduced / inconclusive at this scale /
+not run / not comparable (naming the deviations from the paper recipe, with the verdict it would
+have) / pending / registry error; the rules are printed in the report's header (RULES). Every number
+it uses comes from metrics/ (never from run folders). With --strict the exit code is non-zero when a comparable
 claim is not reproduced, so CI on the paper profile can gate on it.
 
 Mounted by the CLI as `python -m paper_repro verify --metrics metrics --out reports [--strict]`
@@ -20,48 +22,63 @@ from typing import Any, Mapping, Sequence
 
 from . import atomic
 from . import claims as C
+from . import stats, summary
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 NOT_COMPARABLE_BANNER = "NOT COMPARABLE WITH THE PAPER"
 
 
-def evaluate_numeric(claim: C.NumericClaim, metrics: Sequence[Mapping[str, Any]],
-                     runs_dir: str | Path | None = None) -> dict[str, Any]:
+def _notes_for(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What a reader must know about the runs behind a verdict (a quantized run that never trained quantized)."""
+    return [f"{m['run']} never trained quantized (no phase-2 epoch): its deployed Q(W) is an untrained projection"
+            for m in runs if (m.get("training") or {}).get("trained_quantized") is False]
+
+
+def deviation_text(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The deviations from the paper recipe shared by the runs behind a verdict (then any run-specific ones)."""
+    per_run = [C.deviations(m) for m in runs]
+    if not per_run:
+        return []
+    shared = [d for d in per_run[0] if all(d in other for other in per_run[1:])]
+    specific = [f"{m['run']}: {d}" for m, devs in zip(runs, per_run) for d in devs if d not in shared]
+    return shared + specific
+
+
+def evaluate_numeric(claim: C.NumericClaim, metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One row of the report for a reported number (pending rows still show what we measured)."""
     row: dict[str, Any] = {
         "id": claim.id, "kind": "number", "claim": claim.label, "source": claim.source,
         "citation": claim.citation, "table": claim.table, "row": claim.row, "column": claim.column,
         "dataset": claim.dataset, "reported": claim.value, "tolerance": claim.tolerance,
         "run": None, "metric": None, "select": {}, "reproduced": None, "std": None, "ci95": None, "n_seeds": None,
-        "difference": None, "comparable": None, "would_be": None, "detail": "",
+        "ci_method": None, "difference": None, "comparable": None, "deviations": [], "would_be": None, "detail": "",
     }
-    measured, run = None, None
+    measured, run, problem = None, None, ""
     if claim.maps_to is None:
         row["detail"] = "not produced by this companion (maps_to: null)"
     else:
         row["metric"] = claim.maps_to.metric
         row["select"] = dict(claim.maps_to.select)
-        found = C.find_runs(metrics, claim.maps_to)
-        if not found:
-            row["detail"] = f"no run matching {dict(claim.maps_to.select) or claim.maps_to.run}"
+        run, problem = C.resolve_run(metrics, claim.maps_to)
+        if run is None:
+            row["detail"] = problem
         else:
-            run = found[0]
             row["run"] = run["run"]
-            measured = C.measure(run, claim.maps_to.metric, runs_dir)
-            notes = [f"{len(found)} runs match; using {run['run']}"] if len(found) > 1 else []
-            if measured is None:
-                notes.append(f"metric {claim.maps_to.metric} missing in {run['run']}")
-            row["detail"] = "; ".join(notes)
-    comparable = bool(run) and C.is_comparable(run)
+            measured = C.measure(run, claim.maps_to.metric)
+            notes = [] if measured is not None else [f"metric {claim.maps_to.metric} missing in {run['run']}"]
+            row["detail"] = "; ".join(notes + _notes_for([run]))
+    devs = deviation_text([run]) if run is not None else []
+    comparable = run is not None and not devs
     if measured is not None:
         row.update(reproduced=round(measured.mean, 2), std=measured.std,
                    ci95=list(measured.ci95) if measured.ci95 else None, n_seeds=measured.n_seeds,
-                   comparable=comparable)
+                   ci_method=measured.ci_method, comparable=comparable, deviations=devs)
         if claim.value is not None:
             row["difference"] = round(measured.mean - claim.value, 2)
-    if run is not None and not comparable:
-        row["detail"] = "; ".join(filter(None, [row["detail"], _why_not_comparable(run)]))
-    row["verdict"], row["would_be"] = C.numeric_verdict(claim, measured, comparable)
+    if problem.startswith("registry error"):
+        row["verdict"], row["would_be"] = C.REGISTRY_ERROR, None
+    else:
+        row["verdict"], row["would_be"] = C.numeric_verdict(claim, measured, comparable)
     return row
 
 
@@ -69,51 +86,59 @@ def evaluate_qualitative(claim: C.QualitativeClaim, metrics: Sequence[Mapping[st
     """One row of the report for a qualitative claim, from its check over all metrics."""
     result = C.CHECKS[claim.check](metrics, **claim.params)
     used = [m for m in metrics if m.get("run") in set(result.runs)]
-    comparable = bool(used) and all(C.is_comparable(m) for m in used)
+    devs = deviation_text(used)
+    comparable = bool(used) and not devs
     verdict, would_be = C.check_verdict(result, comparable)
+    notes = _notes_for(used)
     return {"id": claim.id, "kind": "qualitative", "claim": claim.claim, "check": claim.check,
-            "params": dict(claim.params), "verdict": verdict, "would_be": would_be,
-            "comparable": comparable if result.holds is not None else None,
-            "detail": result.detail, "runs": result.runs, "evidence": result.evidence, "note": claim.note}
-
-
-def _why_not_comparable(m: Mapping[str, Any]) -> str:
-    reasons = []
-    if not C.is_official(m):
-        reasons.append("non-official data")
-    if m.get("profile") != "paper":
-        reasons.append(f"profile {m.get('profile')!r}")
-    return "not comparable: " + ", ".join(reasons)
+            "params": dict(claim.params), "verdict": verdict, "would_be": would_be, "outcome": result.outcome,
+            "comparable": comparable if result.outcome is not None else None, "deviations": devs,
+            "detail": result.detail + ("" if not notes else " | " + "; ".join(notes)),
+            "runs": result.runs, "evidence": result.evidence, "note": claim.note}
 
 
 def provenance(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """What the verdicts rest on: how many runs, which profiles, which data."""
+    """What the verdicts rest on: how many runs, which profiles, which data, which code."""
     comparable = bool(metrics) and all(C.is_comparable(m) for m in metrics)
+    commits = sorted({str(((m.get("provenance") or {}).get("versions") or {}).get("code_commit", "unknown"))
+                      for m in metrics})
     return {
         "n_runs": len(metrics),
         "profiles": sorted({str(m.get("profile")) for m in metrics}),
         "official_data": sorted({C.is_official(m) for m in metrics}),
         "data_sources": sorted({str((m.get("data") or {}).get("source")) for m in metrics}),
+        "data_md5": sorted({str((m.get("data") or {}).get("archive_md5")) for m in metrics}),
+        "code_commits": commits,
         "comparable": comparable,
+        "deviations": deviation_text(list(metrics)),
         "banner": "" if comparable else NOT_COMPARABLE_BANNER,
     }
 
 
-def build_report(registry: C.Registry, metrics: Sequence[Mapping[str, Any]],
-                 runs_dir: str | Path | None = None, metrics_dir: str = "") -> dict[str, Any]:
-    numeric = [evaluate_numeric(c, metrics, runs_dir) for c in registry.numeric]
+RULES = {
+    "numbers": "reproduced when the reported value lies within the tolerance (pp) of the reproduced 95% interval "
+               "(of the value without one); a reported number maps to one named run: a missing run is 'not run', "
+               "a run whose fields contradict the registry's select is a 'registry error'",
+    "checks": stats.DECISION_RULE + "; runs pair only when every experiment field except the varied loss agrees",
+    "intervals": stats.INTERVAL_RULE,
+    "comparability": "comparable only when the settings in effect (recorded in each run's metrics) equal the paper "
+                     "recipe of paper-spec sections 5-6 on official data; otherwise 'not comparable', naming the "
+                     "deviations, with the verdict it would have",
+}
+
+
+def build_report(registry: C.Registry, metrics: Sequence[Mapping[str, Any]], metrics_dir: str = "") -> dict[str, Any]:
+    numeric = [evaluate_numeric(c, metrics) for c in registry.numeric]
     qualitative = [evaluate_qualitative(c, metrics) for c in registry.qualitative]
     rows = numeric + qualitative
-    failures = [r["id"] for r in rows if r["verdict"] == C.NOT_REPRODUCED]
+    failures = [r["id"] for r in rows if r["verdict"] in (C.NOT_REPRODUCED, C.REGISTRY_ERROR)]
     counts = Counter(r["verdict"] for r in rows)
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "registry": Path(registry.path).name if registry.path else "",
-        "metrics_dir": str(metrics_dir),
+        "metrics_dir": Path(metrics_dir).name if metrics_dir else "",
         "provenance": provenance(metrics),
-        "rule": "reproduced when the reported value lies within the tolerance (pp) of the reproduced "
-                "95% CI over evaluation seeds (of the mean without a CI); not comparable when the "
-                "metrics come from non-official data or a profile other than 'paper'",
+        "rules": RULES,
         "counts": {v: counts.get(v, 0) for v in C.VERDICTS},
         "numeric": numeric,
         "qualitative": qualitative,
@@ -184,10 +209,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if prov["banner"]:
         lines += [f"**{prov['banner']}**: metrics from profile(s) {', '.join(prov['profiles']) or '-'}, "
                   f"official data {prov['official_data'] or '-'}. Numbers are shown; verdicts read "
-                  "'not comparable' (with the verdict they would have).", ""]
+                  "'not comparable' (with the verdict they would have).", "",
+                  "Deviations from the paper recipe: " + ("; ".join(prov["deviations"]) or "-") + ".", ""]
     lines += [f"Runs: {prov['n_runs']}; profiles: {', '.join(prov['profiles']) or '-'}; data sources: "
-              f"{', '.join(prov['data_sources']) or '-'}.", "",
-              f"Rule: {report['rule']}.", "",
+              f"{', '.join(prov['data_sources']) or '-'} (md5 {', '.join(prov['data_md5']) or '-'}); code "
+              f"commit(s): {', '.join(prov['code_commits']) or '-'}.", "",
+              "How to read the verdicts:", "",
+              *[f"- **{k}**: {v}." for k, v in report["rules"].items()], "",
               "Verdict counts: " + ", ".join(f"{k}: {v}" for k, v in report["counts"].items()), "",
               "## Qualitative claims (paper-spec C1-C7)", "",
               markdown_table(("Claim", "Statement", "Evidence", "Verdict"),
@@ -224,16 +252,17 @@ def render_console(report: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 def run(metrics_dir: str | Path, out_dir: str | Path, strict: bool = False,
-        registry: C.Registry | str | Path | None = None, runs_dir: str | Path | None = "runs",
-        quiet: bool = False) -> dict[str, Any]:
-    """Verify every claim, write <out_dir>/verification.md and .json, print the table.
+        registry: C.Registry | str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Validate every metrics file, write the cross-run summary (<out_dir>/summary.csv and the compact
+    metrics.json), verify every claim into <out_dir>/verification.md and .json, print the table.
     The report's "exit_code" is what the CLI should return (non-zero only with strict)."""
     reg = registry if isinstance(registry, C.Registry) else C.load_registry(registry)
     metrics = C.load_metrics(metrics_dir)
-    report = build_report(reg, metrics, runs_dir, metrics_dir=str(metrics_dir))
+    out = Path(out_dir)
+    summary.summarize(metrics_dir, out / "summary.csv", out / "metrics.json")
+    report = build_report(reg, metrics, metrics_dir=str(metrics_dir))
     report["strict"] = bool(strict)
     report["exit_code"] = exit_code(report, strict)
-    out = Path(out_dir)
     atomic.write_text(out / "verification.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
     atomic.write_text(out / "verification.md", render_markdown(report))
     if not quiet:
@@ -245,7 +274,6 @@ def run(metrics_dir: str | Path, out_dir: str | Path, strict: bool = False,
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--metrics", default="metrics", help="folder of metrics/<run>.json (default: metrics)")
     parser.add_argument("--out", default="reports", help="where verification.md/.json go (default: reports)")
-    parser.add_argument("--runs", default="runs", help="run folders, for claims computed from weights (default: runs)")
     parser.add_argument("--registry", default=None, help="claims registry (default: the packaged claims.yaml)")
     parser.add_argument("--strict", action="store_true",
                         help="exit non-zero when a comparable claim is not reproduced")
@@ -260,9 +288,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         report = run(args.metrics, args.out, strict=args.strict, registry=args.registry,
-                     runs_dir=args.runs, quiet=args.no_table)
-    except C.RegistryError as exc:
-        print(exc, file=sys.stderr)
+                     quiet=args.no_table)
+    except (C.RegistryError, ValueError) as exc:  # a malformed registry or metrics file: one line
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return report["exit_code"]
 

@@ -38,8 +38,24 @@ LAYERS = {  # name -> shape; 3x3 convs are quantized, the 1x1 shortcut, fc and b
 }
 QUANTIZED = [n for n, s in LAYERS.items() if len(s) == 4 and s[2:] == (3, 3)]
 BITS = {"none": 32.0, "binary": 1.0, "ternary": 2.0, "4bit": 4.0}
-SEED_OFFSETS = (-0.3, 0.1, 0.2)
-T_975_DF2 = 4.303
+SEED_OFFSETS = (-0.3, 0.1, 0.2, -0.1, 0.1)
+T_975_DF4 = 2.776
+SEEDS = list(range(len(SEED_OFFSETS)))
+
+
+def training(profile: str = "paper", quantized: bool = True) -> dict[str, Any]:
+    """The metrics' record of the training in effect: the paper recipe for profile 'paper', else a
+    reduced one (10 epochs, PGD-5, 10,000 images)."""
+    from paper_repro import config
+
+    settings = config.to_dict(config.TrainSettings())
+    split = {"train_images": 45000, "val_images": 5000, "val_size": 5000, "split_seed": 0}
+    if profile != "paper":
+        settings.update(epochs=10, milestones=[6, 8], pgd={**settings["pgd"], "steps": 5})
+        settings["relax"] = {**settings["relax"], "hard_epoch": 6}
+        split.update(train_images=10000, val_images=1000, val_size=1000)
+    return {"settings": settings, "split": split, "selection_metric": "val_pgd_acc", "selected": {"epoch": 1},
+            "epochs_done": settings["epochs"], "phase2_epochs": 1, "trained_quantized": True, "wall_s": 1.0}
 
 # (model, quantizer, method, loss, loss_params)
 DEFAULT_RUNS: tuple[tuple[str, str, str, str, dict], ...] = (
@@ -71,7 +87,7 @@ def run_name(model: str, quantizer: str, method: str, loss: str, loss_params: di
 def accuracy_entry(attack: str, mean: float, eps: float = 0.031, n: int = 10000) -> dict[str, Any]:
     per_seed = [round(mean + o, 2) for o in SEED_OFFSETS]
     std = float(np.std(per_seed, ddof=1))
-    half = T_975_DF2 * std / np.sqrt(len(per_seed))
+    half = T_975_DF4 * std / np.sqrt(len(per_seed))
     entry = {"attack": attack, "eps": 0.0 if attack == "natural" else eps, "n": n, "mean": round(mean, 2),
              "std": round(std, 2), "ci95": [round(mean - half, 2), round(mean + half, 2)],
              "per_seed": per_seed, "correct": [int(round(p * n / 100)) for p in per_seed], "eot": 1,
@@ -92,7 +108,7 @@ def accuracies(model: str, quantizer: str, method: str, loss: str, loss_params: 
         gain = 4.0 if loss_params.get("w_adv", 8.0) == 8.0 else 6.0
         acc = {"natural": acc["natural"] + gain, "fgsm": acc["fgsm"] + 0.2,
                "ifgsm20": acc["ifgsm20"] - 1.0, "cw_ref": acc["cw_ref"] - 1.0}
-    acc["pgd50_eot@0.031"] = acc["ifgsm20"] - 2.0
+    acc["pgd50_eot@0.031"] = max(acc["ifgsm20"] - 2.0, 1.0)
     acc["cw_linf@0.031"] = acc["ifgsm20"] - 1.0
     return acc
 
@@ -157,7 +173,20 @@ def sparsity(deployed: dict[str, np.ndarray]) -> dict[str, Any]:
     zeros = sum(int((t == 0).sum()) for t in deployed.values())
     return {"weight": round(100 * zeros_q / n_q, 2), "channel": round(100 * zero_ch / chans, 2),
             "filter": round(100 * zero_f / filters, 2), "model_weight": round(100 * zeros / total, 2),
+            "counts": {"quantized_weights": n_q, "zero_quantized_weights": zeros_q, "channels": chans,
+                       "zero_channels": zero_ch, "filters": filters, "zero_filters": zero_f},
             "layers": rows}
+
+
+def at_init(quantizer: str, seed: int) -> dict[str, Any] | None:
+    """The quantizer applied to fresh Gaussian weights (what the metrics' sparsity_at_init holds)."""
+    if quantizer == "none":
+        return None
+    rng = np.random.default_rng(1000 + seed)
+    fresh = {n: quantize(rng.normal(0.0, 0.1, size=s).astype(np.float32), quantizer) for n, s in LAYERS.items()
+             if n in QUANTIZED}
+    doc = sparsity(fresh)
+    return {k: doc[k] for k in ("weight", "channel", "filter", "counts")}
 
 
 def size(deployed: dict[str, np.ndarray], quantizer: str) -> dict[str, Any]:
@@ -181,10 +210,11 @@ def make_metrics(model: str, quantizer: str, method: str, loss: str, loss_params
     return {
         "schema_version": 1, "run": run_name(model, quantizer, method, loss, loss_params), "profile": profile,
         "model": model, "quantizer": quantizer, "method": method, "loss": loss, "loss_params": loss_params,
-        "noise": model.startswith("en"), "n_examples": 10000, "seeds": [0, 1, 2],
+        "noise": model.startswith("en"), "n_examples": 10000, "seeds": SEEDS,
         "accuracy": {a: accuracy_entry(a, v) for a, v in acc.items()},
         "sanity": {"deployed_weights_quantized": {"passed": True, "detail": "synthetic", "values": {}}},
-        "sparsity": sparsity(deployed), "size": size(deployed, quantizer),
+        "sparsity": sparsity(deployed), "sparsity_at_init": at_init(quantizer, seed),
+        "training": training(profile, quantizer != "none"), "size": size(deployed, quantizer),
         "data": {"official": official, "archive_md5": "0" * 32 if not official else "c58f30108f718f92721af3b95e74349a",
                  "source": "synthetic test fixture" if not official else "official archive",
                  "n_train": 45000, "n_test": 10000},
@@ -254,24 +284,37 @@ def write_tree(root: Path, *, official: bool = False, profile: str = "smoke",
 def simple_metrics(run: str, model: str = "en1resnet20", quantizer: str = "ternary", method: str = "BR",
                    loss: str = "pgd_at", *, acc: dict[str, float] | None = None, channel: float | None = None,
                    weight: float | None = None, per_seed: bool = True, official: bool = True,
-                   profile: str = "paper", levels: int = 3, loss_params: dict | None = None) -> dict[str, Any]:
+                   profile: str = "paper", levels: int = 3, loss_params: dict | None = None,
+                   init_weight: float | None = None, n: int = 10000) -> dict[str, Any]:
     """A hand-made metrics document with exactly the numbers a test sets (no weights behind it)."""
     accuracy = {}
     for attack, mean in (acc or {}).items():
-        entry = accuracy_entry(attack, mean)
+        entry = accuracy_entry(attack, mean, n=n)
         if not per_seed:
             entry = {k: v for k, v in entry.items() if k not in ("std", "ci95", "per_seed", "correct")}
         accuracy[attack] = entry
-    sparsity_doc: dict[str, Any] = {"layers": [{"name": "conv1.weight", "shape": [8, 3, 3, 3], "numel": 216,
+    sparsity_doc: dict[str, Any] = {"weight": None, "channel": None, "filter": None, "model_weight": None,
+                                    "layers": [{"name": "conv1.weight", "shape": [8, 3, 3, 3], "numel": 216,
                                                 "nnz": 100, "weight_sparsity": 50.0, "channel_sparsity": 0.0,
                                                 "filter_sparsity": 0.0, "levels": levels}]}
-    if channel is not None:
+    counts: dict[str, int] = {}
+    if channel is not None:  # 1,000 (layer, input channel) pairs
         sparsity_doc["channel"] = channel
-    if weight is not None:
+        counts.update(channels=1000, zero_channels=int(round(channel * 10)))
+    if weight is not None:  # 100,000 quantized weights
         sparsity_doc["weight"] = weight
+        counts.update(quantized_weights=100000, zero_quantized_weights=int(round(weight * 1000)))
+    sparsity_doc["counts"] = counts
+    if loss_params is None:
+        loss_params = {"w_adv": 8.0, "w_nat": 1.0} if loss == "tradeoff" else {}
+    init = None if init_weight is None else {
+        "weight": init_weight, "counts": {"quantized_weights": 100000, "zero_quantized_weights": int(round(init_weight * 1000))}}
     return {"schema_version": 1, "run": run, "profile": profile, "model": model, "quantizer": quantizer,
-            "method": method, "loss": loss, "loss_params": dict(loss_params or {}), "noise": True,
-            "n_examples": 10000, "seeds": [0, 1, 2], "accuracy": accuracy, "sanity": {},
-            "sparsity": sparsity_doc, "size": {},
-            "data": {"official": official, "source": "official archive" if official else "synthetic"},
-            "provenance": {}}
+            "method": method, "loss": loss, "loss_params": dict(loss_params), "noise": True,
+            "n_examples": n, "seeds": SEEDS, "accuracy": accuracy, "sanity": {},
+            "sparsity": sparsity_doc, "sparsity_at_init": init, "training": training(profile),
+            "size": {"bits_per_quantized_weight": None, "packed_bytes": None, "fp32_bytes": None, "compression": None},
+            "data": {"official": official, "source": "official archive" if official else "synthetic",
+                     "archive_md5": "c58f30108f718f92721af3b95e74349a" if official else "0" * 32,
+                     "n_train": 50000, "n_test": 10000},
+            "provenance": {"epochs": None, "train_seed": 0, "versions": {}, "device": "cpu", "wall_s": None}}

@@ -4,12 +4,12 @@ with a clear message, and the qualitative checks read metrics by their fields.""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
 
-from fixtures_metrics import simple_metrics, write_tree
+from fixtures_metrics import simple_metrics
+from paper_repro import checks
 from paper_repro import claims as C
 
 SPEC_NUMBERS = {
@@ -119,14 +119,15 @@ def test_get_path_handles_dotted_keys():
     assert C.get_path(m, "accuracy.fgsm.mean") is None
 
 
-def test_runs_are_found_by_fields_not_name():
+def test_a_reported_number_maps_to_its_named_run_only():
     maps_to = C.MapsTo(run="resnet20-fp-pgd_at", metric="accuracy.natural.mean",
                        select={"model": "resnet20", "quantizer": "none", "loss": "pgd_at"})
     other = simple_metrics("my-custom-name", "resnet20", "none", "none", "pgd_at", acc={"natural": 75.0})
     wrong = simple_metrics("resnet20-fp-pgd_at", "resnet20", "none", "none", "natural", acc={"natural": 90.0})
-    assert [m["run"] for m in C.find_runs([other, wrong], maps_to)] == ["my-custom-name"]
+    assert C.find_runs([other, wrong], maps_to) == []  # never a look-alike; the named run contradicts select
+    assert C.resolve_run([other, wrong], maps_to)[1].startswith("registry error")
     same = simple_metrics("resnet20-fp-pgd_at", "resnet20", "fp", "none", "pgd_at", acc={"natural": 76.0})
-    assert C.find_runs([other, same], maps_to)[0] is same  # the named run breaks ties; 'fp' == 'none'
+    assert C.find_runs([other, same], maps_to) == [same]  # 'fp' == 'none'
 
 
 def test_within_tolerance_uses_the_ci():
@@ -143,53 +144,45 @@ def _pair(loss_a, loss_b, channel_a, channel_b, **kw):
 
 
 def test_c2_and_c4_channel_sparsity_checks():
-    assert C.adversarial_sparsity_unstructured(_pair("natural", "pgd_at", 30.0, 5.0)).holds is True
-    assert C.adversarial_sparsity_unstructured(_pair("natural", "pgd_at", 5.0, 30.0)).holds is False
-    assert C.tradeoff_raises_channel_sparsity(_pair("pgd_at", "tradeoff", 5.0, 12.0)).holds is True
-    assert C.tradeoff_raises_channel_sparsity(_pair("pgd_at", "tradeoff", 12.0, 5.0)).holds is False
+    assert checks.adversarial_sparsity_unstructured(_pair("natural", "pgd_at", 30.0, 5.0)).holds is True
+    assert checks.adversarial_sparsity_unstructured(_pair("natural", "pgd_at", 5.0, 30.0)).holds is False
+    assert checks.tradeoff_raises_channel_sparsity(_pair("pgd_at", "tradeoff", 5.0, 12.0)).holds is True
+    assert checks.tradeoff_raises_channel_sparsity(_pair("pgd_at", "tradeoff", 12.0, 5.0)).holds is False
     # different quantizers are never paired
     mixed = [simple_metrics("t", quantizer="ternary", loss="pgd_at", channel=5.0),
              simple_metrics("f", quantizer="4bit", loss="tradeoff", channel=12.0)]
-    assert C.tradeoff_raises_channel_sparsity(mixed).holds is None
+    assert checks.tradeoff_raises_channel_sparsity(mixed).holds is None
 
 
 def test_c3_and_c5_tradeoff_checks():
     base = simple_metrics("p", loss="pgd_at", acc={"natural": 70, "fgsm": 50, "ifgsm20": 45, "cw_ref": 60})
-    good = simple_metrics("t", loss="tradeoff", acc={"natural": 75, "fgsm": 50.2, "ifgsm20": 43, "cw_ref": 58})
-    bad = simple_metrics("t", loss="tradeoff", acc={"natural": 69, "fgsm": 48, "ifgsm20": 40, "cw_ref": 58})
-    assert C.tradeoff_recovers_natural([base, good]).holds is True
-    assert C.tradeoff_recovers_natural([base, bad]).holds is False
-    assert C.tradeoff_keeps_robustness([base, good]).holds is True
-    result = C.tradeoff_keeps_robustness([base, bad])
+    good = simple_metrics("t", loss="tradeoff", acc={"natural": 75, "fgsm": 51.5, "ifgsm20": 44.5, "cw_ref": 59.5})
+    bad = simple_metrics("t", loss="tradeoff", acc={"natural": 65, "fgsm": 48, "ifgsm20": 40, "cw_ref": 58})
+    assert checks.tradeoff_recovers_natural([base, good]).holds is True
+    assert checks.tradeoff_recovers_natural([base, bad]).holds is False
+    assert checks.tradeoff_keeps_robustness([base, good]).holds is True
+    result = checks.tradeoff_keeps_robustness([base, bad])
     assert result.holds is False and "fgsm" in result.detail
 
 
 def test_c6_ensemble_ordering():
     def run(model, nat, rob):
         return simple_metrics(model, model, "none", "none", "pgd_at", acc={"natural": nat, "ifgsm20": rob})
-    ordered = [run("resnet20", 75, 46), run("en1resnet20", 77, 49), run("en2resnet20", 80, 50)]
-    assert C.ensemble_ordering(ordered, attacks=["natural", "ifgsm20"]).holds is True
-    broken = ordered[:2] + [run("en2resnet20", 76, 50)]
-    assert C.ensemble_ordering(broken, attacks=["natural", "ifgsm20"]).holds is False
-    assert C.ensemble_ordering(ordered[:1]).holds is None
-    assert C.ensemble_size("en5resnet56") == (5, "resnet56") and C.ensemble_size("resnet20") == (0, "resnet20")
+    ordered = [run("resnet20", 75, 46), run("en1resnet20", 77, 49), run("en2resnet20", 80, 52)]
+    assert checks.ensemble_ordering(ordered, attacks=["natural", "ifgsm20"]).holds is True
+    broken = ordered[:2] + [run("en2resnet20", 72, 50)]
+    assert checks.ensemble_ordering(broken, attacks=["natural", "ifgsm20"]).holds is False
+    assert checks.ensemble_ordering(ordered[:1]).holds is None
+    assert checks.ensemble_size("en5resnet56") == (5, "resnet56") and checks.ensemble_size("resnet20") == (0, "resnet20")
 
 
 def test_c1_and_c7():
-    runs = [simple_metrics(f"{q}", quantizer=q, weight=w, levels=lv,
+    runs = [simple_metrics(f"{q}", quantizer=q, weight=w, init_weight=i, levels=lv,
                            acc={a: 50.0 for a in ("natural", "fgsm", "ifgsm20", "cw_ref")})
-            for q, w, lv in (("binary", 0.0, 2), ("ternary", 40.0, 3), ("4bit", 20.0, 15))]
-    assert C.quantized_weights_sparse(runs).holds is True
-    assert C.quantized_weights_sparse(runs, min_weight_sparsity=30.0).holds is False
-    assert C.quantized_benchmark_complete(runs).holds is True
-    assert C.quantized_benchmark_complete(runs[1:]).holds is None  # binary missing: not run
+            for q, w, i, lv in (("binary", 0.0, 0.0, 2), ("ternary", 50.0, 42.0, 3), ("4bit", 30.0, 23.0, 15))]
+    assert checks.quantized_weights_sparse(runs).holds is True
+    assert checks.quantized_weights_sparse(runs, min_weight_sparsity=40.0).holds is False
+    assert checks.quantized_benchmark_complete(runs).holds is True
+    assert checks.quantized_benchmark_complete(runs[1:]).holds is None  # binary missing: not run
     runs[1]["sparsity"]["layers"][0]["levels"] = 200  # float weights were evaluated, not Q(W)
-    assert C.quantized_benchmark_complete(runs).holds is False
-
-
-def test_small_weight_share_from_float_weights(tmp_path: Path):
-    paths = write_tree(tmp_path, runs=[("resnet20", "none", "none", "natural", {})])
-    share = C.small_weight_share(paths["runs"], "resnet20-fp-natural")
-    assert share is not None and 5.0 < share < 15.0
-    assert C.small_weight_share(paths["runs"], "absent") is None
-    assert C.small_weight_share(None, "resnet20-fp-natural") is None
+    assert checks.quantized_benchmark_complete(runs).holds is False

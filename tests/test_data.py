@@ -161,7 +161,7 @@ def test_cli_honours_environment_archive(tmp_path, tiny_archive):
                            "--any-size", "--out", str(tmp_path / "out")], capture_output=True, text=True,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.splitlines()[-1])["source"] == str(tiny_archive)
+    assert json.loads(proc.stdout.splitlines()[-1])["source"] == tiny_archive.name  # a name, not a path
 
 
 # --------------------------------------------------------------------------- download

@@ -15,7 +15,7 @@ import yaml
 
 from archive_factory import make_archive
 from fixtures_metrics import make_metrics, write_metrics
-from paper_repro import checkpoint, cli, config, evaluate as E, train as train_mod
+from paper_repro import checkpoint, cli, config, evaluate as E, recipe, summary, train as train_mod
 from paper_repro.data import prepare
 from paper_repro.models import build
 from paper_repro.quant import load_packed
@@ -77,7 +77,7 @@ def test_metrics_file_follows_the_schema(tiny):
     identity = (m["run"], m["model"], m["quantizer"], m["method"], m["loss"])
     assert identity == ("q", "en1resnet8", "ternary", "BR", "pgd_at")
     assert m["noise"] is True and m["n_examples"] == 20 and m["seeds"] == [0, 1] and m["profile"] == "test"
-    assert {k: m["accuracy"][k]["paper_column"] for k in E.PAPER_KEYS} == dict(zip(E.PAPER_KEYS, E.PAPER_COLUMNS))
+    assert {k: m["accuracy"][k]["paper_column"] for k in recipe.PAPER_ATTACKS} == dict(zip(recipe.PAPER_ATTACKS, tuple(recipe.PAPER_COLUMNS.values())))
     assert "reference variant" in m["accuracy"]["cw_ref"]["label"]
     audit = {"pgd50_eot@0.031", "pgd50_eot@8/255", "cw_linf@0.031", "cw_linf@8/255", "autoattack_rand@0.031",
              "autoattack_rand@8/255"}
@@ -157,15 +157,14 @@ def test_float_run_via_cli_then_summary(tiny, tmp_path, capsys):
     assert m["accuracy"]["natural"]["std"] is None and m["accuracy"]["natural"]["ci_method"].startswith("wilson")
     assert not any(k.startswith("pgd50") for k in m["accuracy"])
     (tmp_path / "metrics" / "q.json").write_text(json.dumps(tiny["metrics"]))
-    assert cli.main(["evaluate", "--summary", "--metrics-dir", str(tmp_path / "metrics")]) == 0
-    rows = list(csv.DictReader((tmp_path / "metrics" / "summary.csv").open()))
+    # the verify stage writes the cross-run summary beside the verdicts
+    assert cli.main(["verify", "--metrics", str(tmp_path / "metrics"), "--out", str(tmp_path / "reports"),
+                     "--no-table"]) == 0
+    rows = list(csv.DictReader((tmp_path / "reports" / "summary.csv").open()))
     assert [r["run"] for r in rows] == ["f", "q"]
     assert rows[1]["pgd50_eot@0.031_mean"] and rows[0]["pgd50_eot@0.031_mean"] == ""
     assert rows[0]["sparsity_weight"] == "0.0" and rows[1]["official"] == "False"
-    elsewhere = tmp_path / "reports" / "summary.csv"
-    assert cli.main(["evaluate", "--summary", "--metrics-dir", str(tmp_path / "metrics"),
-                     "--summary-out", str(elsewhere)]) == 0
-    assert elsewhere.read_text() == (tmp_path / "metrics" / "summary.csv").read_text()
+    assert set(json.loads((tmp_path / "reports" / "metrics.json").read_text())) == {"f", "q"}
 
 
 def test_export_packed_writes_a_loadable_model(tiny, tmp_path):
@@ -243,20 +242,20 @@ def test_summary_csv_one_row_per_metrics_file(tmp_path):
                                     make_metrics("en1resnet20", "ternary", "BR", "pgd_at"),
                                     make_metrics("en1resnet20", "4bit", "BR", "tradeoff")])
     (tmp_path / "not_metrics.json").write_text("{\"other\": 1}")
-    out = E.summarize(tmp_path)
+    out = summary.summarize(tmp_path)
     with out.open() as fh:
         reader = csv.DictReader(fh)
         rows, columns = list(reader), reader.fieldnames
     assert len(rows) == len(docs) and sorted(r["run"] for r in rows) == sorted(d["run"] for d in docs)
     documented = ["run", "model", "quantizer", "method", "loss", "profile", "official"]
     assert columns[:7] == documented
-    assert columns[7:15] == [f"{a}_{s}" for a in E.PAPER_KEYS for s in ("mean", "std")]
+    assert columns[7:15] == [f"{a}_{s}" for a in recipe.PAPER_ATTACKS for s in ("mean", "std")]
     assert {"sparsity_weight", "sparsity_channel", "size_compression", "sanity_failed"} <= set(columns)
     broken = make_metrics("resnet20", "none", "none", "natural")
     broken["accuracy"]["fgsm"]["mean"] = "high"
     (tmp_path / "broken.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="broken.json: metrics: accuracy.fgsm.mean"):
-        E.summarize(tmp_path)
+        summary.summarize(tmp_path)
 
 
 # --------------------------------------------------------------------------- settings and helpers
@@ -292,12 +291,12 @@ def test_unknown_attack_option_fails_before_any_work():
 def test_defaults_are_the_paper_profile():
     ev = config.EvaluateSettings()
     assert ev.n_examples == 10000 and ev.seeds == [0, 1, 2, 3, 4] and ev.audit and ev.sanity
-    assert list(ev.attacks) == list(E.PAPER_KEYS)
+    assert list(ev.attacks) == list(recipe.PAPER_ATTACKS)
     eps = {k: v.eps for k, v in ev.attacks.items()}
     assert eps == {"natural": 0.0, "fgsm": 0.031, "ifgsm20": 0.031, "cw_ref": 0.031}
     jobs, skipped = E.plan(ev, 10000, noisy=True)
     keys = [j.key for j in jobs]
-    assert keys[:4] == list(E.PAPER_KEYS) and not skipped
+    assert keys[:4] == list(recipe.PAPER_ATTACKS) and not skipped
     assert {"pgd50_eot@0.031", "pgd50_eot@8/255", "cw_linf@0.031", "autoattack_rand@0.031",
             "autoattack_standard_noise_off@8/255"} <= set(keys)
     _, skipped = E.plan(ev, 10000, noisy=False)

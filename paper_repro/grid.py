@@ -1,0 +1,177 @@
+"""``grid``: run the train and evaluate commands of every experiment that is not up to date as
+parallel jobs, then let DVC record their outputs, so ``dvc repro`` only runs what comes after
+(verify, report, publish).
+
+Why: ``dvc repro`` runs one stage at a time, and parallel ``dvc repro`` processes in one workspace
+block each other on DVC's repository lock. Small CPU trainings also use two cores badly: two
+single-threaded ResNet20 trainings side by side do about 1.3x the work of one two-threaded training
+(measured on the 2-core machine). So the jobs run the very commands of dvc.yaml (``python -m
+paper_repro train|evaluate -e NAME``), writing into ``runs/<name>/`` and ``metrics/<name>.json``
+exactly as the stages do, and ``dvc commit`` then records them in dvc.lock. Training runs first for
+all selected experiments, evaluation second: a quantized run's evaluation reads its float twin
+(the transfer check), which is then always trained. ``--executor local`` runs the jobs as
+subprocesses here, ``-j`` at a time, each with cores/j threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from . import config
+from .config import ConfigError, Experiment
+
+STAGES = ("train", "evaluate")
+LOG_DIR = Path("logs") / "grid"
+
+
+@dataclass(frozen=True)
+class Job:
+    stage: str
+    experiment: str
+    cost: float
+
+    @property
+    def dvc_stage(self) -> str:
+        return f"{self.stage}@{self.experiment}"
+
+    @property
+    def log(self) -> Path:
+        return LOG_DIR / f"{self.stage}-{self.experiment}.log"
+
+
+def relative_cost(e: Experiment) -> float:
+    """Rough training cost (passes per image), to start the longest jobs first and balance workers."""
+    members = int(e.model[2:e.model.index("resnet")] or 1) if e.model.startswith("en") else 1
+    depth = int(e.model.split("resnet")[1])
+    passes = {"natural": 1.0, "pgd_at": 4.0, "tradeoff": 5.0, "trades": 5.0}[e.loss]
+    return members * depth / 20 * passes
+
+
+def outdated(stages: Sequence[str], dvc: str = "dvc") -> set[str] | None:
+    """The stages among ``stages`` that `dvc status` reports as changed (None when DVC cannot tell,
+    e.g. no dvc.yaml here: then every job runs)."""
+    if not Path("dvc.yaml").is_file():
+        return None
+    proc = subprocess.run([dvc, "status", "--json", *stages], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    try:
+        status = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        return None
+    return {name.split(":")[-1] for name in status}
+
+
+def plan(settings: config.Settings, only: Sequence[str] | None, force: bool) -> list[list[Job]]:
+    """[train jobs, evaluate jobs], each sorted longest first; up-to-date stages are left out."""
+    experiments = settings.experiments
+    if only:
+        known = {e.name for e in experiments}
+        unknown = [n for n in only if n not in known]
+        if unknown:
+            raise ConfigError(f"grid --only: unknown experiment {unknown[0]!r}; params.yaml lists: "
+                              f"{', '.join(sorted(known))}")
+        experiments = [e for e in experiments if e.name in only]
+    names = [f"{stage}@{e.name}" for stage in STAGES for e in experiments]
+    changed = None if force else outdated(names)
+    phases = []
+    for stage in STAGES:
+        jobs = [Job(stage, e.name, relative_cost(e) * (1.0 if stage == "train" else 0.3)) for e in experiments
+                if changed is None or f"{stage}@{e.name}" in changed
+                or (stage == "evaluate" and f"train@{e.name}" in changed)]
+        phases.append(sorted(jobs, key=lambda j: -j.cost))
+    return phases
+
+
+def command(job: Job, params: Path) -> list[str]:
+    extra = ["--resume"] if job.stage == "train" else []
+    return [sys.executable, "-m", "paper_repro", job.stage, "--params", str(params), "--experiment",
+            job.experiment, "--quiet", *extra]
+
+
+def run_local(jobs: Sequence[Job], params: Path, workers: int, threads: int, quiet: bool = False) -> dict[Job, int]:
+    """Run ``jobs`` as subprocesses, ``workers`` at a time, each with ``threads`` CPU threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "CI": "true"}
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    results: dict[Job, int] = {}
+
+    def one(job: Job) -> int:
+        with open(job.log, "w") as log:
+            log.write(f"$ {' '.join(command(job, params))}\n")
+            log.flush()
+            return subprocess.run(command(job, params), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+    pending = list(jobs)
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(jobs), desc="grid", unit="job",
+                                                                disable=quiet) as bar:
+        running: dict[Future, Job] = {}
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                running[pool.submit(one, job)] = job
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                results[job] = future.result()
+                bar.update(1)
+                state = "done" if results[job] == 0 else f"FAILED (exit {results[job]}, log {job.log})"
+                tqdm.write(f"grid: {job.dvc_stage} {state}")
+            failed = sum(1 for c in results.values() if c != 0)
+            bar.set_postfix(running=len(running), done=len(results) - failed, failed=failed, queued=len(pending))
+    return results
+
+
+def commit(stages: Sequence[str], dvc: str = "dvc") -> None:
+    """Record the jobs' outputs in dvc.lock, as if `dvc repro` had run those stages."""
+    if stages and Path("dvc.yaml").is_file():
+        subprocess.run([dvc, "commit", "--force", *stages], check=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("local",), default="local",
+                   help="where jobs run: local = subprocesses on this machine")
+    p.add_argument("-j", "--jobs", type=int, default=None,
+                   help="jobs at once (default: number of cores, at most the number of jobs)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these experiments")
+    p.add_argument("--force", action="store_true", help="run every selected job, up to date or not")
+    p.add_argument("--no-commit", action="store_true", help="do not `dvc commit` the finished stages")
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = config.load(args.params, args.overrides)
+    if args.overrides:
+        raise ConfigError("grid runs the stages as params.yaml defines them; --set would make the results "
+                          "differ from what DVC records: edit params.yaml (or use dvc exp run -S) instead")
+    cores = os.cpu_count() or 1
+    phases = plan(settings, args.only, args.force)
+    n_jobs = sum(len(p) for p in phases)
+    if not n_jobs:
+        print("grid: every selected experiment is up to date")
+        return 0
+    workers = max(1, min(args.jobs or cores, max(len(p) for p in phases)))
+    threads = max(1, cores // workers)
+    print(f"grid: {n_jobs} jobs ({len(phases[0])} train, {len(phases[1])} evaluate), {workers} at once, "
+          f"{threads} thread(s) each; logs in {LOG_DIR}/", flush=True)
+    started = time.perf_counter()
+    failed: list[Job] = []
+    for jobs in phases:
+        results = run_local([j for j in jobs if not any(f.experiment == j.experiment for f in failed)],
+                            args.params, workers, threads, args.quiet)
+        failed += [j for j, code in results.items() if code != 0]
+        ok = [j.dvc_stage for j, code in results.items() if code == 0]
+        if not args.no_commit:
+            commit(ok)
+    print(f"grid: finished in {time.perf_counter() - started:.0f} s; {len(failed)} failed", flush=True)
+    for job in failed:
+        print(f"grid: {job.dvc_stage} failed: see {job.log}", file=sys.stderr)
+    return 1 if failed else 0

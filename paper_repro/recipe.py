@@ -1,0 +1,35 @@
+"""The paper's recipe in one place (paper-spec §5-§6): training, data split and evaluation constants.
+
+config.py takes its defaults from here and comparability.py judges runs against it, so the paper
+profile, the code defaults and the "comparable with the paper" check cannot drift apart. Constants only:
+every stage imports this file, so logic lives elsewhere.
+"""
+from __future__ import annotations
+
+# --- training (paper-spec §5) ------------------------------------------------------------------
+EPOCHS = 200
+BATCH_SIZE = 128
+LR = 0.1
+MOMENTUM = 0.9
+NESTEROV = False
+WEIGHT_DECAY = 5e-4
+MILESTONES = (80, 120, 160)
+LR_GAMMA = 0.1
+SCHEDULE = "step"
+AUGMENT = True
+TRAIN_PGD = {"eps": 0.031, "step": 0.007, "steps": 10, "random_start": True}
+RELAX = {"eta0": 1.0, "rho": 1.05, "hard_epoch": 120}
+TRADEOFF_WEIGHTS = {"w_adv": 8.0, "w_nat": 1.0}  # authors' code: L = 8 CE(adv) + 1 CE(clean)
+TRADES_BETA = 4.0
+
+# --- data (paper-spec §5, §9) -------------------------------------------------------------------
+TRAIN_IMAGES = 45000  # 50k official training images minus our seeded 5k selection hold-out
+VAL_IMAGES = 5000
+TEST_IMAGES = 10000
+
+# --- evaluation (paper-spec §6) -----------------------------------------------------------------
+PAPER_EPS = 0.031
+PAPER_ATTACKS = ("natural", "fgsm", "ifgsm20", "cw_ref")  # the paper's columns, in order
+PAPER_COLUMNS = {"natural": "A1", "fgsm": "A2", "ifgsm20": "A3", "cw_ref": "A4"}
+ATTACK_LABELS = {"natural": "natural", "fgsm": "FGSM", "ifgsm20": "IFGSM20", "cw_ref": "C&W (ref.)"}
+EVAL_SEEDS = 5  # noise seeds of the paper profile (the paper reports single draws; we ask for 5)

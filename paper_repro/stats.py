@@ -1,0 +1,131 @@
+"""Uncertainty of measured accuracies and sparsities, and the rule that turns a comparison into
+holds / fails / inconclusive.
+
+Why: a 95% interval over noise seeds alone has zero width for a deterministic model and ignores that
+the test images are a sample; a verdict that compares two runs must know whether the difference it
+sees is larger than that uncertainty. Every interval here combines both sources:
+
+* test-set sampling: the Wilson score interval of the proportion on the n test images;
+* noise seeds: the t-interval of the mean over the k seeds (only when k >= 2 and the spread is > 0);
+* combined in quadrature on each side: half = sqrt(wilson_half^2 + seed_half^2).
+
+A count over structural units (zero channels among all (layer, input channel) pairs, zero weights
+among quantized weights) gets the Wilson interval of that count: a deliberately simple stand-in for
+the training-seed spread we cannot afford to measure (it treats the units as exchangeable).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+LEVEL = 0.95
+INTERVAL_RULE = ("95% interval = Wilson interval of the test-set sampling (n images) combined in quadrature with "
+                 "the t-interval of the spread over noise seeds (k >= 2); sparsities use the Wilson interval of "
+                 "the zero count over its units (channels or weights)")
+DECISION_RULE = ("a comparison holds when the 95% interval of the difference (halves combined in quadrature) lies "
+                 "entirely on the claimed side of its threshold, fails when it lies entirely on the other side, "
+                 "and is inconclusive at this scale otherwise (always when neither arm shows any effect); a claim "
+                 "holds when all its comparisons hold, fails when any fails, and is inconclusive otherwise")
+
+HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
+
+
+def _z(level: float = LEVEL) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + level / 2))
+
+
+def _t(df: int, level: float = LEVEL) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, df))
+
+
+def wilson(successes: float, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """Wilson score interval, in %, of ``successes`` out of ``n``."""
+    if n <= 0:
+        raise ValueError(f"wilson: n must be >= 1, got {n}")
+    p, z = successes / n, _z(level)
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A percentage with its 95% interval and where the interval comes from."""
+
+    value: float
+    lo: float
+    hi: float
+    how: str
+
+    @property
+    def interval(self) -> list[float]:
+        return [round(self.lo, 2), round(self.hi, 2)]
+
+
+def accuracy_estimate(per_seed: Sequence[float], n: int, level: float = LEVEL) -> Estimate:
+    """Mean accuracy (%) over seeds with the combined sampling + seed interval (see the module doc)."""
+    k = len(per_seed)
+    if k == 0:
+        raise ValueError("accuracy_estimate: no per-seed values")
+    mean = sum(per_seed) / k
+    w_lo, w_hi = wilson(mean / 100 * n, n, level)
+    seed_half = 0.0
+    if k >= 2:
+        sd = math.sqrt(sum((p - mean) ** 2 for p in per_seed) / (k - 1))
+        seed_half = _t(k - 1, level) * sd / math.sqrt(k)
+    lo = mean - math.hypot(mean - w_lo, seed_half)
+    hi = mean + math.hypot(w_hi - mean, seed_half)
+    how = f"Wilson n={n}" + (f" + t over {k} seeds" if k >= 2 else " (1 seed)")
+    return Estimate(mean, max(0.0, lo), min(100.0, hi), how)
+
+
+def count_estimate(zeros: int, total: int, level: float = LEVEL) -> Estimate:
+    """A sparsity (%) from a count of zero units, with the Wilson interval of that count."""
+    lo, hi = wilson(zeros, total, level)
+    return Estimate(100.0 * zeros / total, lo, hi, f"Wilson over {total:,} units")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """b - a against a threshold: the claim is that ``b - a > threshold`` (``direction`` +1) or
+    ``b - a < threshold`` (``direction`` -1)."""
+
+    difference: float
+    lo: float
+    hi: float
+    threshold: float
+    outcome: str
+
+    def as_dict(self) -> dict[str, float | str]:
+        return {"difference": round(self.difference, 2), "difference_ci95": [round(self.lo, 2), round(self.hi, 2)],
+                "threshold": self.threshold, "outcome": self.outcome}
+
+
+def compare(a: Estimate, b: Estimate, threshold: float = 0.0, direction: int = 1) -> Comparison:
+    """Decide "b - a beyond threshold in ``direction``" from the two intervals (module doc, DECISION_RULE).
+    With no effect in either arm (both exactly 0) the answer is inconclusive whatever the intervals."""
+    diff = b.value - a.value
+    lo = diff - math.hypot(a.hi - a.value, b.value - b.lo)
+    hi = diff + math.hypot(a.value - a.lo, b.hi - b.value)
+    if a.value == 0 and b.value == 0:
+        outcome = INCONCLUSIVE
+    elif direction > 0:
+        outcome = HOLDS if lo > threshold else FAILS if hi < threshold else INCONCLUSIVE
+    else:
+        outcome = HOLDS if hi < threshold else FAILS if lo > threshold else INCONCLUSIVE
+    return Comparison(diff, lo, hi, threshold, outcome)
+
+
+def combine(outcomes: Sequence[str]) -> str | None:
+    """A claim over several comparisons: fails if any fails, holds if all hold, else inconclusive."""
+    if not outcomes:
+        return None
+    if FAILS in outcomes:
+        return FAILS
+    return HOLDS if all(o == HOLDS for o in outcomes) else INCONCLUSIVE

@@ -1,0 +1,116 @@
+"""The committed bundle results/cpu/ is what its commands make (issue 13), in the spirit of RobustBench's
+clean-accuracy test: re-verifying the committed metrics gives the committed verdicts; the README's
+results block is generated from them; every published model loads through the zoo and, on the
+stand-in test images, scores the natural accuracy of its model card; the rebuild from the bundle
+gives the published tables. Nothing here trains."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from paper_repro import publish, verify, zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "results" / "cpu"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+MAX_BUNDLE_BYTES = 20_000_000
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    assert (BUNDLE / "bundle.json").is_file(), "results/cpu/ is not published: run `make cpu` and commit it"
+    return json.loads((BUNDLE / "bundle.json").read_text())
+
+
+def test_bundle_files_are_the_manifest_and_small(manifest):
+    files = {str(f.relative_to(BUNDLE)) for f in BUNDLE.rglob("*") if f.is_file()} - {"bundle.json"}
+    assert files == set(manifest["files"]) - {"bundle.json"}
+    for rel, entry in manifest["files"].items():
+        if rel != "bundle.json":
+            assert publish._md5(BUNDLE / rel) == entry["md5"], f"{rel} changed since it was published"
+    assert manifest["bytes"] < MAX_BUNDLE_BYTES
+    assert publish.machine_paths(BUNDLE) == []
+    assert all(c != "unknown" and not c.endswith("+dirty") for c in manifest["code_commits"]), manifest["code_commits"]
+    assert {"verification.md", "verification.json", "summary.csv", "data.json"} <= files
+    assert any(f.startswith("figures/") and f.endswith(".png") for f in files)
+    assert len([f for f in files if f.startswith("notebooks/")]) == len(list((ROOT / "notebooks").glob("*.ipynb")))
+
+
+def test_reverifying_the_committed_metrics_gives_the_committed_verdicts(tmp_path, manifest):
+    report = verify.run(BUNDLE / "metrics", tmp_path, quiet=True)
+    committed = json.loads((BUNDLE / "verification.json").read_text())
+    for key in ("counts", "qualitative", "numeric", "provenance", "rules"):
+        assert json.loads(json.dumps(report[key])) == committed[key], key
+    assert {r["id"] for r in committed["qualitative"]} == {f"C{i}" for i in range(1, 8)}
+    assert all(r["verdict"] != "not run" for r in committed["qualitative"]), "every claim gets a verdict"
+
+
+def test_readme_block_is_generated_from_the_bundle(manifest):
+    readme = (ROOT / "README.md").read_text()
+    verification = json.loads((BUNDLE / "verification.json").read_text())
+    block = publish.readme_block(verification, manifest, "results/cpu")
+    assert block in readme, "README results block differs: run `python -m paper_repro publish --readme README.md`"
+    assert readme.index(publish.README_START) < readme.index("## ")  # on the first screen
+
+
+def test_every_published_model_loads_with_its_card(manifest):
+    for name in manifest["runs"]:
+        card = zoo.card(name, "cpu")
+        model = zoo.load(name, "cpu")
+        assert card["name"] == name and card["clean_acc"] is not None
+        assert card["size"]["packed_bytes"] == (BUNDLE / "models" / f"{name}.safetensors").stat().st_size
+        with torch.no_grad():
+            assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(zoo.ZooError, match="available"):
+        zoo.load("no-such-model", "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "make_cifar10_standin.py").is_file(), reason="needs ../shared/data")
+def test_published_models_score_their_card_on_the_standin(tmp_path, manifest):
+    """Natural accuracy recomputed through the zoo on the same stand-in images, noise seeded as in evaluation."""
+    from paper_repro.data import prepare, load_prepared
+
+    archive = ROOT / "data" / "standin" / "cifar-10-python.tar.gz"
+    if not archive.is_file():
+        archive = tmp_path / "cifar-10-python.tar.gz"
+        subprocess.run([sys.executable, str(SHARED_DATA / "make_cifar10_standin.py"), str(archive)], check=True,
+                       capture_output=True)
+    data_md5 = json.loads((BUNDLE / "data.json").read_text())["archive_md5"]
+    prepare(str(archive), tmp_path / "prepared", md5=None, expect_counts=None)
+    data = load_prepared(tmp_path / "prepared")
+    assert data.meta["archive_md5"] == data_md5, "not the stand-in the bundle was made from"
+    for name in manifest["runs"]:
+        card = zoo.card(name, "cpu")
+        natural = card["paper_columns"]["A1"]
+        n = natural["n"]
+        model = zoo.load(name, "cpu")
+        if hasattr(model, "seed_noise"):
+            model.seed_noise(natural["seeds"][0])
+        x = torch.as_tensor(data.x_test[:n]).float().div(255)
+        y = torch.as_tensor(data.y_test[:n]).long()
+        with torch.no_grad():
+            correct = sum(int((model(x[i:i + 250]).argmax(1) == y[i:i + 250]).sum()) for i in range(0, n, 250))
+        assert abs(100.0 * correct / n - natural["accuracy"]) <= 0.5, (name, 100.0 * correct / n, natural)
+
+
+@pytest.mark.slow
+def test_rebuild_from_the_bundle_gives_the_published_tables(tmp_path, manifest):
+    """`report --bundle results/cpu` on a fresh clone: no training, no dataset, the same tables."""
+    env = {**os.environ, "CI": "1"}
+    proc = subprocess.run([sys.executable, "-m", "paper_repro", "report", "--bundle", str(BUNDLE),
+                           "--out", str(tmp_path / "rebuilt")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    published = sorted((BUNDLE / "tables").glob("*.csv"))
+    assert published
+    for table in published:
+        assert (tmp_path / "rebuilt" / "tables" / table.name).read_text() == table.read_text(), table.name
+    assert len(list((tmp_path / "rebuilt" / "notebooks").glob("*.ipynb"))) == len(list((BUNDLE / "notebooks").glob("*")))
+    shutil.rmtree(tmp_path / "rebuilt")
