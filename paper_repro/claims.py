@@ -23,6 +23,7 @@ import yaml
 from . import checks, comparability, stats
 
 REGISTRY_PATH = Path(__file__).with_name("claims.yaml")
+NOT_COMPARABLE_BANNER = "NOT COMPARABLE WITH THE PAPER"  # the one wording every report and figure uses
 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"

@@ -125,12 +125,9 @@ def machine_paths(folder: Path) -> list[str]:
 
 
 def data_record(meta_path: Path) -> dict[str, Any]:
-    """The prepared data's provenance without machine paths."""
-    if not meta_path.is_file():
-        return {}
-    meta = json.loads(meta_path.read_text())
-    return {k: meta.get(k) for k in ("dataset", "source", "archive", "archive_md5", "official", "counts",
-                                     "counts_in_archive", "limits", "files_md5") if k in meta}
+    """The prepared data's meta.json as it is (prepare records file names and md5s, never machine paths;
+    the bundle's path check guards that), so notebooks rebuilt from the bundle show the same provenance."""
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
 
 
 def build(metrics_dir: Path, runs_dir: Path, reports_dir: Path, data_meta: Path, out: Path,
@@ -163,7 +160,8 @@ def build(metrics_dir: Path, runs_dir: Path, reports_dir: Path, data_meta: Path,
         card = model_card(m, size, packed.name)
         atomic.write_json(stage / "models" / f"{run}.json", card, indent=1)
         cards[run] = card
-    atomic.write_json(stage / "data.json", data_record(data_meta), indent=1)
+    if data_meta.is_file():
+        shutil.copyfile(data_meta, stage / "data.json")
     atomic.write_json(stage / "report_params.json",
                       {"profile": settings.profile, "notebooks": settings.report.get("notebooks", {}) or {}}, indent=1)
     files = sorted(f for f in stage.rglob("*") if f.is_file())

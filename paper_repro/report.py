@@ -22,7 +22,7 @@ from . import atomic
 from . import checks, recipe
 from . import claims as C
 
-NOT_COMPARABLE = "NOT COMPARABLE WITH THE PAPER"
+NOT_COMPARABLE = C.NOT_COMPARABLE_BANNER
 NOT_RUN = "not run in this profile"
 PAPER_ATTACKS = ("natural", "fgsm", "ifgsm20", "cw_ref")
 PAPER_COLUMNS = recipe.PAPER_COLUMNS
@@ -417,8 +417,8 @@ def provenance(metrics: Sequence[Mapping[str, Any]], data_meta: str | Path | Map
     if meta is not None and "official" in meta:
         official.append(bool(meta["official"]))
         sources = sorted(set(sources) | {str(meta.get("source"))}) if meta.get("source") else sources
-    comparable = (bool(metrics) and all(official) and (profile in (None, "paper"))
-                  and all(p == "paper" for p in profiles))
+    comparable = (bool(metrics) and all(official) and profile in (None, "paper")
+                  and all(C.is_comparable(m) for m in metrics))  # the recipe in effect, not only labels
     return {"profile": profile, "metrics_profiles": profiles, "data_sources": sources,
             "official": bool(official) and all(official), "n_runs": len(metrics), "comparable": comparable}
 
@@ -435,6 +435,16 @@ def banner(metrics: Sequence[Mapping[str, Any]], data_meta: str | Path | Mapping
 # --------------------------------------------------------------------------------------------
 # Output: figures, tables, notebook display
 # --------------------------------------------------------------------------------------------
+
+def notebook_setup(metrics_dir: str | Path, data_meta: str | Path | None, profile: str | None
+                   ) -> tuple[list[dict[str, Any]], str]:
+    """What every notebook does first: plotting style, the runs (sorted) and the provenance banner, shown."""
+    setup_plotting()
+    metrics = sort_runs(load_metrics(metrics_dir))
+    text = banner(metrics, data_meta, profile)
+    show_banner(text)
+    return metrics, text
+
 
 def setup_plotting() -> None:
     """Agg backend (figures are shown in notebooks as the saved PNG) and one seaborn theme."""

@@ -25,7 +25,7 @@ from . import claims as C
 from . import stats, summary
 
 REPORT_SCHEMA_VERSION = 2
-NOT_COMPARABLE_BANNER = "NOT COMPARABLE WITH THE PAPER"
+NOT_COMPARABLE_BANNER = C.NOT_COMPARABLE_BANNER
 
 
 def _notes_for(runs: Sequence[Mapping[str, Any]]) -> list[str]:
