@@ -26,6 +26,7 @@ from . import atomic, checkpoint, comparability, config, recipe
 BUNDLE_SCHEMA = 1
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|tmp|root|home|Users|mnt|scratch)/[^\s\"'<>)]*")
+HEADLINE_FIGURE = "03_quantized_paper_attacks.png"  # C7, the paper's "missing benchmark", shown in the README
 TEXT_SUFFIXES = (".json", ".md", ".csv", ".ipynb", ".txt", ".yaml")
 FIGURE_SUFFIXES = (".png",)
 
@@ -198,13 +199,13 @@ def _key_numbers(row: Mapping[str, Any]) -> str:
     if cid == "C5":
         return "; ".join(f"{e.get('attack')} {_arms(e)}" for e in ev) or "-"
     if cid == "C1":
-        return "; ".join(f"{e['run'].split('-')[1]}: {e['weight sparsity']:.1f}% vs {e.get('at init', float('nan')):.1f}% "
+        return "; ".join(f"{e['run']}: {e['weight sparsity']:.1f}% zeros vs {e.get('at init', float('nan')):.1f}% "
                          "at init" for e in ev) or "-"
     if cid == "C6":
         return "; ".join(f"{e['attack']}: " + " / ".join(f"k={k} {v:.1f}" for k, v in e["by_k"].items()) for e in ev) or "-"
     if cid == "C7":
-        return "; ".join(f"{e['quantizer']}: " + "/".join(f"{e[a]:.1f}" for a in recipe.PAPER_ATTACKS if a in e)
-                         for e in ev) or "-"
+        return "; ".join(f"{e['run']}: " + "/".join(f"{e[a]:.1f}" for a in recipe.PAPER_ATTACKS if a in e)
+                         for e in ev) + " (A1/A2/A3/A4, %)" if ev else "-"
     return "-"
 
 
@@ -227,7 +228,8 @@ def readme_block(verification: Mapping[str, Any], bundle: Mapping[str, Any], bun
              f"**Reduced reproduction, profile `{bundle.get('profile')}`** on "
              f"{'the official CIFAR-10' if data.get('official') else 'a NOT official CIFAR-10 stand-in'} "
              f"(`{data.get('source')}`, md5 `{data.get('archive_md5')}`), code `"
-             + ", ".join(c[:12] for c in bundle.get("code_commits", [])) + "`"
+             + ", ".join(c[:12] + ("+dirty" if c.endswith("+dirty") else "") for c in bundle.get("code_commits", []))
+             + "`"
              + (f", {timing['make_cpu_minutes']:.0f} min for `make cpu` on {timing.get('machine')}" if
                 timing.get("make_cpu_minutes") else "") + ". "
              f"{prov['banner'] or 'Comparable with the paper.'}: every verdict below is what the claim gives at "
@@ -236,6 +238,10 @@ def readme_block(verification: Mapping[str, Any], bundle: Mapping[str, Any], bun
     for row in verification["qualitative"]:
         verdict = row.get("would_be") or row["verdict"]
         lines.append(f"| {row['id']}: {row['claim']} | **{verdict}** | {_key_numbers(row)} |")
+    headline = f"figures/{HEADLINE_FIGURE}"
+    if headline in (bundle.get("files") or {}):
+        lines += ["", f"![Accuracy of the deployed float, binary, ternary and 4-bit En1ResNet20 under the paper's "
+                      f"attacks]({bundle_dir}/{headline})"]
     lines += ["", "Deviations from the paper recipe: " + "; ".join(prov.get("deviations") or ["none"]) + ".",
               "", f"Full report: [`{bundle_dir}/verification.md`]({bundle_dir}/verification.md); models: "
               f"`paper_repro.zoo.load(name, profile=\"{bundle.get('profile')}\")`.", README_END]

@@ -35,13 +35,23 @@ def _notes_for(runs: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def deviation_text(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The deviations from the paper recipe shared by the runs behind a verdict (then any run-specific ones)."""
-    per_run = [C.deviations(m) for m in runs]
+    """The deviations from the paper recipe of the runs behind a verdict, each once: those of every run
+    as they are, the others with the runs they concern ("BR rho 4 vs 1.05 (7 of 10 runs: ...)")."""
+    per_run = [(str(m.get("run")), C.deviations(m)) for m in runs]
     if not per_run:
         return []
-    shared = [d for d in per_run[0] if all(d in other for other in per_run[1:])]
-    specific = [f"{m['run']}: {d}" for m, devs in zip(runs, per_run) for d in devs if d not in shared]
-    return shared + specific
+    order: dict[str, list[str]] = {}
+    for run, devs in per_run:
+        for d in devs:
+            order.setdefault(d, []).append(run)
+    out = []
+    for d, which in order.items():
+        if len(which) == len(per_run):
+            out.append(d)
+        else:
+            names = ", ".join(which) if len(which) <= 3 else ", ".join(which[:3]) + ", ..."
+            out.append(f"{d} ({len(which)} of {len(per_run)} runs: {names})")
+    return out
 
 
 def evaluate_numeric(claim: C.NumericClaim, metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
