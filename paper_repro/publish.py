@@ -197,7 +197,7 @@ def _key_numbers(row: Mapping[str, Any]) -> str:
     if cid in ("C3", "C4", "C2"):
         return "; ".join(f"{e.get('group')}: {_arms(e)}" for e in ev) or "-"
     if cid == "C5":
-        return "; ".join(f"{e.get('attack')} {_arms(e)}" for e in ev) or "-"
+        return "; ".join(f"{e.get('group')} {e.get('attack')}: {_arms(e)}" for e in ev) or "-"
     if cid == "C1":
         return "; ".join(f"{e['run']}: {e['weight sparsity']:.1f}% zeros vs {e.get('at init', float('nan')):.1f}% "
                          "at init" for e in ev) or "-"
