@@ -21,14 +21,15 @@ endif
 # Pipeline commands run with the .venv first on PATH (python, dvc, papermill, jupyter).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup results smoke cpu paper test test-fast bench lock clean clean-all standin
+.PHONY: help setup results smoke cpu paper test test-fast bench gpu-check lock clean clean-all standin
 help:
 	@echo "make results  set up .venv and rebuild every table, figure and notebook from the published results/cpu (minutes, no data)"
 	@echo "make smoke    set up .venv and run the main job: the smoke profile end to end (minutes, CPU)"
 	@echo "make cpu      the cpu profile: a reduced reproduction of C1-C7, published to results/cpu (~75 min, 2 cores)"
 	@echo "make paper    the paper profile (dvc repro at the root; needs a GPU, days of compute)"
 	@echo "make test     run the test suite (what CI runs)"
-	@echo "make bench    time training steps against a plain baseline"
+	@echo "make bench    time training steps against a plain baseline (repeated; writes reports/bench.json)"
+	@echo "make gpu-check  everything that needs CUDA in <= 8 min, report in $(GPU_CHECK_OUT)/ (docs/gpu.md)"
 	@echo "make standin  build the offline CIFAR-10 stand-in from $(SHARED)/data (not official data)"
 	@echo "make lock     rewrite requirements.lock from the current .venv"
 	@echo "make clean    remove outputs of the pipeline (keeps .venv and data/)"
@@ -85,7 +86,13 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP)
-	$(PY) -m paper_repro bench
+	$(PY) -m paper_repro bench --json reports/bench.json --stacked 2 4
+
+# The prepared GPU check (docs/gpu.md): versions, CUDA-only tests, bench, a short gpu-profile training on the
+# full-size data, the paper columns' time; each part under its own timeout, report even when a part fails.
+GPU_CHECK_OUT ?= reports/gpu-check
+gpu-check: $(STAMP) $(NEED_STANDIN)
+	$(PY) -m paper_repro gpu-check --out $(GPU_CHECK_OUT) --budget-s 480
 
 lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v -i '^paper-repro' | \

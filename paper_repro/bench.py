@@ -6,13 +6,19 @@ in train mode (as the reference's AttackPGD wrapper is called inside ``net.train
 resident on the device with batched on-device augmentation, the attack in eval mode with gradients
 for the input only, channels_last and bf16 autocast on CUDA. Both loops run the same model, batch size,
 optimizer and PGD-10 settings; only ratios measured in the same run are reported (shared machines are
-noisy). The last line is ``speedup_pgd_at_resnet20=<ratio>``.
+noisy). Each loop is timed ``--repeats`` times, the loops interleaved (baseline, ours, baseline, ...), so a
+burst of load hits both; reported: median images/s, min/max and the spread (max-min)/median, and the
+speedup as the ratio of medians with the range of the per-repeat ratios.
+
+``--stacked K ...`` also times K ResNet20s trained as one grouped network (``paper_repro.stacked``)
+against the same K trained one after another with our loop (aggregate images/s, same PGD-10 step).
+The last line is ``speedup_pgd_at_resnet20=<ratio>``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,13 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from . import config
+from . import atomic, config
 from .config import AttackSettings, Experiment
 from .loader import DeviceLoader, pick_device
 from .losses import objective_for
 from .models import build
 from .quant import BinaryRelax
 from .runtime import channels_last_for, use_amp
+from .stacked import build_stacked
+from .stacked_train import StackedRelax, stacked_train_step
 from .train import train_step
 
 MODELS = ("resnet20", "en5resnet20")
@@ -98,9 +106,36 @@ def our_steps(model, optimizer, images, labels, batch, kind, attack, device, set
         epoch += 1
 
 
-def images_per_second(steps: Iterator[int], warmup: int, timed: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        next(steps)
+def stacked_steps(name, k, images, labels, batch, attack, device, settings, stacked: bool) -> Iterator[int]:
+    """K models on one shared batch per step: one stacked network, or K of our steps one after another."""
+    channels_last = channels_last_for(device, settings)
+    loader = DeviceLoader(images, labels, batch, device, augment=True, shuffle=True, drop_last=True,
+                          channels_last=channels_last)
+    objective = objective_for(Experiment(name="bench", model=name, loss="pgd_at"), attack)
+    amp = use_amp(settings, device)
+    gens = [torch.Generator(device=device) for _ in range(k)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if stacked:
+        net = build_stacked([name] * k, list(range(k))).to(device, memory_format=fmt)
+        relax = StackedRelax(net, [BinaryRelax(build(name, seed=i), None) for i in range(k)])
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    else:
+        nets = [build(name, seed=i).to(device, memory_format=fmt) for i in range(k)]
+        relaxes = [BinaryRelax(m, None) for m in nets]
+        opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in nets]
+    epoch = 0
+    while True:
+        for x, y in loader.epoch(seed=epoch):
+            if stacked:
+                stacked_train_step(net, relax, [objective] * k, opt, x, y, gens, amp)
+            else:
+                for m, r, o, g in zip(nets, relaxes, opts, gens):
+                    train_step(m, r, objective, o, x, y, g, amp)
+            yield k * y.numel()
+        epoch += 1
+
+
+def images_per_second(steps: Iterator[int], timed: int, device: torch.device) -> float:
     _sync(device)
     start, seen = time.perf_counter(), 0
     for _ in range(timed):
@@ -109,13 +144,50 @@ def images_per_second(steps: Iterator[int], warmup: int, timed: int, device: tor
     return seen / (time.perf_counter() - start)
 
 
+def measure(loops: dict[str, Iterator[int]], warmup: int, timed: int, repeats: int,
+            device: torch.device) -> dict[str, list[float]]:
+    """images/s of each loop, ``repeats`` times, interleaved so that load changes hit every loop alike."""
+    for steps in loops.values():
+        for _ in range(warmup):
+            next(steps)
+    runs: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(repeats):
+        for name, steps in loops.items():
+            runs[name].append(images_per_second(steps, timed, device))
+    return runs
+
+
+def summary(values: list[float]) -> dict[str, float | list[float]]:
+    """Median, min, max and spread (max-min)/median in % of repeated measurements."""
+    median = statistics.median(values)
+    return {"median": round(median, 2), "min": round(min(values), 2), "max": round(max(values), 2),
+            "spread_pct": round(100 * (max(values) - min(values)) / median, 1), "runs": [round(v, 2) for v in values]}
+
+
+def compare(runs: dict[str, list[float]], base: str, new: str) -> dict:
+    """One result row: medians, their ratio, the range of the per-repeat ratios and every loop's statistics."""
+    ratios = [b / a for a, b in zip(runs[base], runs[new])]
+    return {base: summary(runs[base])["median"], new: summary(runs[new])["median"],
+            "speedup": round(statistics.median(runs[new]) / statistics.median(runs[base]), 3),
+            "speedup_range": [round(min(ratios), 3), round(max(ratios), 3)],
+            "stats": {name: summary(values) for name, values in runs.items()}}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def _line(key: str, row: dict, base: str, new: str) -> str:
+    st = row["stats"]
+    return (f"{key:24s} {base} {row[base]:9.1f} img/s (spread {st[base]['spread_pct']:4.1f}%)   {new} "
+            f"{row[new]:9.1f} img/s (spread {st[new]['spread_pct']:4.1f}%)   speedup {row['speedup']:.2f}x "
+            f"[{row['speedup_range'][0]:.2f}-{row['speedup_range'][1]:.2f}]")
+
+
 def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ...], batch: int, warmup: int,
-        timed: int, n_images: int, device: torch.device, log: Callable[[str], None] = print) -> dict:
+        timed: int, n_images: int, device: torch.device, log: Callable[[str], None] = print, repeats: int = 1,
+        stacked: tuple[int, ...] = (), stacked_model: str = "resnet20") -> dict:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n_images, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n_images)
@@ -123,17 +195,21 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
     results = {}
     for name in models:
         for kind in kinds:
-            row = {}
+            loops = {}
             for loop in ("baseline", "ours"):
                 model = build(name, seed=0).to(device)
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-                steps = (baseline_steps(model, opt, images, labels, batch, kind, attack, device) if loop == "baseline"
-                         else our_steps(model, opt, images, labels, batch, kind, attack, device, settings))
-                row[loop] = images_per_second(steps, warmup, timed, device)
-            row["speedup"] = row["ours"] / row["baseline"]
-            results[f"{kind}_{name}"] = row
-            log(f"{kind:7s} {name:12s} baseline {row['baseline']:9.1f} img/s   ours {row['ours']:9.1f} img/s   "
-                f"speedup {row['speedup']:.2f}x")
+                loops[loop] = (baseline_steps(model, opt, images, labels, batch, kind, attack, device)
+                               if loop == "baseline"
+                               else our_steps(model, opt, images, labels, batch, kind, attack, device, settings))
+            row = results[f"{kind}_{name}"] = compare(measure(loops, warmup, timed, repeats, device), "baseline", "ours")
+            log(_line(f"{kind} {name}", row, "baseline", "ours"))
+    for k in stacked:
+        loops = {loop: stacked_steps(stacked_model, k, images, labels, batch, attack, device, settings,
+                                     loop == "stacked") for loop in ("sequential", "stacked")}
+        row = results[f"stacked{k}_pgd_at_{stacked_model}"] = compare(measure(loops, warmup, timed, repeats, device),
+                                                                      "sequential", "stacked")
+        log(_line(f"{k}x {stacked_model} pgd_at", row, "sequential", "stacked"))
     return results
 
 
@@ -144,29 +220,40 @@ def environment(device: torch.device) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", default=list(MODELS), help="architectures to time")
+    p.add_argument("--models", nargs="*", default=list(MODELS), help="architectures to time (none: only --stacked)")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="step kinds to time")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per measurement")
     p.add_argument("--steps", type=int, help="timed steps per measurement (default: 3 on CPU, 30 on CUDA)")
+    p.add_argument("--repeats", type=int, help="measurements per loop, interleaved (default: 3 on CPU, 5 on CUDA)")
+    p.add_argument("--stacked", type=int, nargs="*", default=[], metavar="K",
+                   help="also time K stacked models against K sequential ones (PGD training step), e.g. 2 4")
+    p.add_argument("--stacked-model", default="resnet20", help="architecture of the stacked comparison")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--json", type=Path, help="also write the results here (e.g. reports/bench.json)")
 
 
 def main(args: argparse.Namespace) -> int:
     settings = config.load(args.params, args.overrides) if args.params.is_file() else config.from_dict({})
-    for name in args.models:  # one-line error before any timing starts
+    for name in [*args.models, args.stacked_model]:  # one-line error before any timing starts
         config.from_dict({"experiments": {"bench": {"model": name}}}, origin="--models")
+    for value, what in ((args.batch_size, "--batch-size"), (args.steps, "--steps"), (args.repeats, "--repeats"),
+                        *((k, "--stacked") for k in args.stacked)):
+        if value is not None and value < 1:
+            raise config.ConfigError(f"{what} must be >= 1, got {value}")
     device = pick_device(args.device)
     timed = args.steps or (30 if device.type == "cuda" else 3)
-    n_images = args.batch_size * (args.warmup + timed + 1)
+    repeats = args.repeats or (5 if device.type == "cuda" else 3)
+    n_images = args.batch_size * (args.warmup + timed * repeats + 1)
     env = environment(device)
-    print(f"bench on {env['device']}, torch {env['torch']}, batch {args.batch_size}, "
-          f"PGD-{settings.train.pgd.steps}, {args.warmup} warm-up + {timed} timed steps")
-    results = run(settings, tuple(args.models), tuple(args.kinds), args.batch_size, args.warmup, timed,
-                  n_images, device)
+    print(f"bench on {env['device']}, torch {env['torch']}, batch {args.batch_size}, PGD-{settings.train.pgd.steps}, "
+          f"{args.warmup} warm-up + {repeats} x {timed} timed steps per loop (interleaved)")
+    results = run(settings, tuple(args.models), tuple(args.kinds), args.batch_size, args.warmup, timed, n_images,
+                  device, repeats=repeats, stacked=tuple(args.stacked), stacked_model=args.stacked_model)
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+        setup = {"batch_size": args.batch_size, "warmup": args.warmup, "timed_steps": timed, "repeats": repeats,
+                 "pgd_steps": settings.train.pgd.steps, "amp": use_amp(settings, device)}
+        atomic.write_json(args.json, {"environment": env, "setup": setup, "results": results}, indent=2)
     for key, row in results.items():
         if key != "pgd_at_resnet20":
             print(f"speedup_{key}={row['speedup']:.2f}")

@@ -25,7 +25,7 @@ ARCHIVE_ENV = "CIFAR10_ARCHIVE"
 MODEL_PATTERN = re.compile(r"^(en(\d+))?resnet(\d+)$")
 QUANTIZERS = ("none", "binary", "ternary", "4bit", "kbit")
 LOSSES = ("natural", "pgd_at", "tradeoff", "trades")
-PROFILES = ("paper", "cpu", "smoke", "test")
+PROFILES = ("paper", "gpu", "cpu", "smoke", "test")
 
 
 class ConfigError(ValueError):

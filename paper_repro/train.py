@@ -28,7 +28,8 @@ from . import atomic, checkpoint, config
 from .config import Experiment, Settings
 from .data import load_prepared, provenance, validation_split
 from .loader import DeviceLoader, pick_device
-from .runtime import RunPaths, autocast, channels_last_for, device_name, use_amp
+from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunPaths, autocast, channels_last_for, device_name,
+                      positive_seconds, use_amp)
 from .losses import Objective, objective_for
 from .models import build
 from .models.enresnet import derive_seed
@@ -40,6 +41,10 @@ CHECK_FINITE_EVERY = 25  # steps between (syncing) checks that the loss is finit
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good epoch checkpoint is kept."""
+
+
+class BudgetReached(RuntimeError):
+    """--time-budget: stopped at an epoch boundary, state saved; the next call continues with --resume."""
 
 
 # --------------------------------------------------------------------------- set-up
@@ -219,9 +224,12 @@ def run_sidecar(settings: Settings, experiment: Experiment, model: torch.nn.Modu
 
 # --------------------------------------------------------------------------- the run
 def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: bool = False,
-          quiet: bool = False, live_dir: Path | None = None) -> dict[str, Any]:
+          quiet: bool = False, live_dir: Path | None = None, time_budget: float | None = None) -> dict[str, Any]:
     """Train ``experiment`` into ``run_dir``; per-epoch DVCLive metrics go to ``live_dir``
-    (default ``dvclive/<name>``, beside runs/ so DVC can declare them as metrics and plots)."""
+    (default ``dvclive/<name>``, beside runs/ so DVC can declare them as metrics and plots).
+    ``time_budget`` (seconds from this call): raise BudgetReached at the first epoch boundary where the
+    next epoch would not fit (see runtime.EpochBudget); None: no limit (the run is unchanged)."""
+    budget = EpochBudget(time_budget) if time_budget is not None else None
     paths = RunPaths(Path(run_dir))
     live_dir = Path(live_dir) if live_dir is not None else Path("dvclive") / experiment.name
     t = settings.train
@@ -265,6 +273,9 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
     split = {"train_images": len(train_idx), "val_images": len(val_idx), "val_size": settings.data.val_size,
              "split_seed": settings.data.split_seed}
     sidecar = run_sidecar(settings, experiment, model, relax, data.meta, device, split)
+    if budget is not None and record["epochs_done"]:
+        budget.prior = record["wall_s"] / record["epochs_done"]
+    stopped = None
 
     from dvclive import Live
     live_exists = (live_dir / "metrics.json").is_file()
@@ -276,6 +287,9 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
             for stats in record["history"]:  # a resumed run whose log went missing: replay it
                 log_epoch(live, stats)
         for epoch in range(record["epochs_done"], t.epochs):
+            if budget is not None and not budget.next_epoch_fits():
+                stopped = budget.stop_message(experiment.name, epoch, t.epochs, paths.state)
+                break
             start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch, settings)
@@ -298,6 +312,11 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
                   f"loss {stats['train_loss']:.3f} train {stats['train_acc']:.1f}% val nat "
                   f"{stats['val_natural_acc']:.1f}% pgd {stats['val_pgd_acc']:.1f}% "
                   f"({stats['images_per_s']:.0f} img/s){' *' if improved else ''}", flush=True)
+            if budget is not None:
+                budget.epoch_done()
+
+    if stopped:
+        raise BudgetReached(stopped)
 
     if record["best"] is None:  # e.g. hard_epoch == epochs: no fully quantized epoch to choose from
         record["best"] = {**{k: record["history"][-1][k] for k in ("epoch", "val_pgd_acc", "val_natural_acc",
@@ -327,6 +346,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, help="output folder (default: runs/<experiment>)")
     p.add_argument("--resume", action="store_true", help="continue from runs/<experiment>/state if compatible")
     p.add_argument("--live-dir", type=Path, help="DVCLive folder (default: dvclive/<experiment>)")
+    p.add_argument("--time-budget", type=positive_seconds, metavar="SECONDS",
+                   help=f"stop at the first epoch boundary where the next epoch would end after SECONDS (estimated "
+                        f"from the epochs done), saving the state; exit {EXIT_BUDGET_REACHED}: continue with --resume")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -334,7 +356,11 @@ def main(args: argparse.Namespace) -> int:
     experiment = settings.experiment(args.experiment)
     run_dir = args.run_dir or Path("runs") / experiment.name
     try:
-        summary = train(settings, experiment, run_dir, resume=args.resume, quiet=args.quiet, live_dir=args.live_dir)
+        summary = train(settings, experiment, run_dir, resume=args.resume, quiet=args.quiet, live_dir=args.live_dir,
+                        time_budget=args.time_budget)
+    except BudgetReached as e:
+        print(e, flush=True)
+        return EXIT_BUDGET_REACHED
     except TrainingDiverged as e:
         print(f"error: {e}", flush=True)
         return 3

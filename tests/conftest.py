@@ -42,3 +42,19 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+CUDA_SKIP_REASONS = ("needs CUDA", "needs a GPU")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; applied to every test that skips without one, "
+                                       "so `pytest -m cuda` runs exactly the GPU-only tests (gpu-check does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that skip without CUDA (skipif reason 'needs CUDA' / 'needs a GPU') as `cuda`."""
+    for item in items:
+        reasons = [str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif")]
+        if any(r in reason for reason in reasons for r in CUDA_SKIP_REASONS):
+            item.add_marker(pytest.mark.cuda)

@@ -20,8 +20,9 @@ def test_every_profile_loads(path: Path):
     assert settings.experiments, f"{path} lists no experiment"
 
 
-def test_cpu_profile_lists_every_setting():
-    raw = yaml.safe_load((ROOT / "profiles" / "cpu" / "params.yaml").read_text())
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_profile_lists_every_setting(profile):
+    raw = yaml.safe_load((ROOT / "profiles" / profile / "params.yaml").read_text())
     hints = {"data": config.DataSettings, "train": config.TrainSettings, "evaluate": config.EvaluateSettings}
     missing = []
     for section, cls in hints.items():
@@ -31,4 +32,19 @@ def test_cpu_profile_lists_every_setting():
     for name in ("pgd", "val_attack", "relax"):
         sub = {"pgd": config.AttackSettings, "val_attack": config.AttackSettings, "relax": config.RelaxSettings}[name]
         missing += [f"train.{name}.{f.name}" for f in dataclasses.fields(sub) if f.name not in raw["train"][name]]
-    assert not missing, f"profiles/cpu/params.yaml relies on code defaults for {missing}: list them"
+    assert not missing, f"profiles/{profile}/params.yaml relies on code defaults for {missing}: list them"
+
+
+def test_gpu_profile_is_the_paper_grid_on_full_data_with_the_paper_attack():
+    """The gpu profile (issue 14) shortens the schedule only: same experiments, data, attack; fp32 evaluation."""
+    paper, gpu = config.load(ROOT / "params.yaml"), config.load(ROOT / "profiles" / "gpu" / "params.yaml")
+    assert gpu.experiments == paper.experiments
+    assert (gpu.data.train_limit, gpu.data.test_limit, gpu.data.val_size) == (None, None, 5000)
+    assert gpu.train.pgd == paper.train.pgd and gpu.train.pgd.steps == 10
+    assert gpu.evaluate.amp == "off" and gpu.evaluate.attacks == paper.evaluate.attacks
+    t = gpu.train
+    scale = t.epochs / paper.train.epochs
+    assert t.milestones == [round(m * scale) for m in paper.train.milestones]
+    assert t.relax.hard_epoch == round(paper.train.relax.hard_epoch * scale)
+    eta_paper = paper.train.relax.rho ** (paper.train.relax.hard_epoch - 1)  # eta of the last phase-1 epoch
+    assert abs(t.relax.rho ** (t.relax.hard_epoch - 1) / eta_paper - 1) < 0.01

@@ -1,0 +1,327 @@
+"""The parts of ``gpu-check`` (paper_repro/gpu_check.py), each run in its own process under its own timeout.
+
+Every part writes ``<out>/parts/<part>.json`` as it goes (``Part.save``), so a part killed at its timeout
+still reports what it measured. ``dry`` runs the same code tiny and on the CPU (synthetic data, one or two
+steps), which is how CI tests the check without a GPU.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, atomic, config
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_PARAMS = ROOT / "profiles" / "gpu" / "params.yaml"
+CUDA_TEST_MARKERS = ("cuda.is_available()",)
+NOISY_MODEL = "en1resnet20"  # the paper columns are timed on a noisy model (the paper's EnResNets)
+DRY_TRAIN = ["train.batch_size=50", "train.pgd.steps=2", "train.val_attack.steps=2", "train.val_examples=20",
+             "data.val_size=30", "train.device=cpu", "evaluate.device=cpu"]
+
+
+@dataclass
+class Part:
+    """One part's context: where it writes, how big it runs, and its own time limit."""
+    name: str
+    out: Path
+    dry: bool
+    timeout_s: float
+    params: Path
+    archive: str | None = None
+    train_experiments: int = 2
+    train_epochs: int = 3
+
+    def __post_init__(self) -> None:
+        self.result: dict[str, Any] = {}
+        self.started = time.monotonic()
+
+    def save(self, **fields: Any) -> None:
+        """Merge ``fields`` into the result and write it now (a later timeout keeps what is saved)."""
+        self.result.update(fields)
+        atomic.write_json(self.out / "parts" / f"{self.name}.json", self.result, indent=1, default=str)
+
+    def remaining(self) -> float:
+        return self.timeout_s - (time.monotonic() - self.started)
+
+    @property
+    def prepared(self) -> Path:
+        return self.out / "data" / "prepared"
+
+    def settings(self, *overrides: str) -> config.Settings:
+        """The profile's settings on the prepared data; dry: tiny sizes, CPU, depth-8 twins of the first models."""
+        base = [f"data.prepared={self.prepared}", "data.expect_counts=null"]
+        if not self.dry:
+            return config.load(self.params, [*base, *overrides])
+        first = config.load(self.params, base).experiments[:self.train_experiments]
+        tiny = [f"experiments.{e.name}.model={dry_model(e.model)}" for e in first]
+        return config.load(self.params, [*base, *DRY_TRAIN, *tiny, *overrides])
+
+
+def dry_model(model: str) -> str:
+    """The depth-8 twin of a model (en1resnet20 -> en1resnet8): the same code paths, a fraction of the work."""
+    return re.sub(r"resnet[0-9]+$", "resnet8", model)
+
+
+# --------------------------------------------------------------------------- env
+def part_env(part: Part) -> None:
+    """Versions and the device: what every figure of the report is measured on."""
+    import torch
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "paper_repro": __version__, "torch": torch.__version__, "cuda_build": torch.version.cuda,
+                            "cuda_available": torch.cuda.is_available(), "cpu_count": os.cpu_count(),
+                            "git_commit": _git_commit()}
+    try:
+        import torchvision
+        info["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        info["torchvision"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
+                    capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
+                    cudnn=torch.backends.cudnn.version(), driver=_nvidia_smi("driver_version"))
+    else:
+        info.update(device=f"cpu ({os.cpu_count()} cores)", gpu_count=0)
+    part.save(**info)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _nvidia_smi(field: str) -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip()
+        return out.splitlines()[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------- CUDA-only tests
+def cuda_test_files(tests: Path = ROOT / "tests") -> list[Path]:
+    """Test files holding GPU-only tests (tests/conftest.py marks them `cuda`)."""
+    return sorted(p for p in tests.glob("test_*.py") if any(m in p.read_text() for m in CUDA_TEST_MARKERS))
+
+
+def part_cuda_tests(part: Part) -> None:
+    """``pytest -m cuda`` on the files with GPU-only tests; on a CPU they are all skipped (and said so)."""
+    files = cuda_test_files()
+    junit = part.out / "parts" / "cuda_tests.xml"
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rA", "-p", "no:cacheprovider",
+           f"--junitxml={junit}", *map(str, files)]
+    part.save(command=" ".join(cmd[1:]), files=[str(f.relative_to(ROOT)) for f in files])
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
+    print(proc.stdout[-5000:], proc.stderr[-2000:], sep="\n")
+    part.save(returncode=proc.returncode, **junit_counts(junit))
+    if proc.returncode not in (0, 5):  # 5: nothing collected
+        raise SystemExit(f"CUDA tests failed (pytest exit {proc.returncode})")
+
+
+def junit_counts(path: Path) -> dict[str, Any]:
+    """Counts and the names of failed/skipped tests from pytest's JUnit XML."""
+    if not path.is_file():
+        return {"collected": 0}
+    cases = ET.parse(path).getroot().iter("testcase")
+    failed, skipped, passed = [], [], []
+    for case in cases:
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(name)
+        elif case.find("skipped") is not None:
+            skipped.append(f"{name}: {case.find('skipped').get('message', '')}")
+        else:
+            passed.append(name)
+    return {"collected": len(failed) + len(skipped) + len(passed), "passed": len(passed), "failed": failed,
+            "skipped": skipped}
+
+
+# --------------------------------------------------------------------------- bench
+def part_bench(part: Part) -> None:
+    """Ours versus the plain baseline, repeated and interleaved (bench.py), then K stacked versus sequential."""
+    from . import bench
+    from .loader import pick_device
+    settings = part.settings("train.pgd.steps=2") if part.dry else part.settings()
+    device = pick_device("cpu" if part.dry else "auto")
+    if part.dry:
+        plan = [("resnet8", "pgd_at")]
+        size = dict(batch=16, warmup=1, timed=1, repeats=2)
+        stacked, stacked_model = (2,), "resnet8"
+    else:
+        plan = [("resnet20", "pgd_at"), ("resnet20", "clean"), ("en5resnet20", "pgd_at")]
+        size = dict(batch=128, warmup=3, timed=10, repeats=5)
+        stacked, stacked_model = (2, 4, 8), "resnet20"
+    n_images = size["batch"] * (size["warmup"] + size["timed"] * size["repeats"] + 1)
+    part.save(environment=bench.environment(device), setup={**size, "pgd_steps": settings.train.pgd.steps},
+              results={})
+    results: dict[str, Any] = {}
+    for name, kind in plan:  # the issue's target first: a ResNet20 PGD-10 step
+        results.update(bench.run(settings, (name,), (kind,), size["batch"], size["warmup"], size["timed"],
+                                 n_images, device, repeats=size["repeats"]))
+        part.save(results=results)
+    for k in stacked:
+        results.update(bench.run(settings, (), (), size["batch"], size["warmup"], size["timed"], n_images, device,
+                                 repeats=size["repeats"], stacked=(k,), stacked_model=stacked_model))
+        part.save(results=results)
+
+
+# --------------------------------------------------------------------------- data
+def synthetic_archive(path: Path, per_class_train: int = 2, per_class_test: int = 2, seed: int = 0) -> Path:
+    """A tiny CIFAR-10 archive in the official layout with learnable classes (dry mode; cf. tests/archive_factory)."""
+    rng = np.random.default_rng(seed)
+
+    def batch(n_per_class: int) -> bytes:
+        labels = np.repeat(np.arange(10), n_per_class)
+        colour = np.stack([(labels * 37) % 160, (labels * 71) % 160, (labels * 113) % 160], axis=1)
+        images = (rng.integers(0, 90, size=(len(labels), 3, 32, 32)) + colour[:, :, None, None]).clip(0, 255)
+        return pickle.dumps({"batch_label": "synthetic", "labels": labels.tolist(),
+                             "data": images.astype(np.uint8).reshape(len(labels), -1),
+                             "filenames": [f"img_{i}.png" for i in range(len(labels))]}, protocol=2)
+
+    files = {f"data_batch_{b}": batch(per_class_train) for b in range(1, 6)}
+    files["test_batch"] = batch(per_class_test)
+    files["batches.meta"] = pickle.dumps({"label_names": list(range(10)), "num_cases_per_batch": 10 * per_class_train,
+                                          "num_vis": 3072}, protocol=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in files.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def find_archive(explicit: str | None) -> str:
+    """--archive, $CIFAR10_ARCHIVE, the official archive at data/, else the stand-in `make standin` builds."""
+    if explicit and not Path(explicit).is_file():
+        raise SystemExit(f"archive not found: {explicit}")
+    for candidate in (explicit, os.environ.get(config.ARCHIVE_ENV), ROOT / "data" / "cifar-10-python.tar.gz",
+                      ROOT / "data" / "standin" / "cifar-10-python.tar.gz"):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    raise SystemExit(f"no CIFAR-10 archive: pass --archive PATH, set {config.ARCHIVE_ENV}, or run `make standin` "
+                     f"(builds data/standin/ from ../shared/data)")
+
+
+def part_data(part: Part) -> None:
+    """The full-size data (45k/5k/10k) prepared once into <out>/data/prepared for the train and columns parts."""
+    from .data import prepare
+    source = str(synthetic_archive(part.out / "data" / "synthetic.tar.gz")) if part.dry else find_archive(part.archive)
+    start = time.perf_counter()
+    meta = prepare(source, part.prepared)
+    part.save(archive=Path(source).name, official=meta["official"], counts=meta["counts"],
+              seconds=round(time.perf_counter() - start, 1))
+
+
+# --------------------------------------------------------------------------- short training
+def part_train(part: Part) -> None:
+    """The gpu profile's first experiments for a few epochs on the full data: accuracy, images/s, peak memory."""
+    import torch
+    from . import train as train_mod
+    epochs = 1 if part.dry else part.train_epochs
+    probe = part.settings()
+    hard = min(probe.train.relax.hard_epoch, epochs)
+    settings = part.settings(f"train.epochs={epochs}", f"train.relax.hard_epoch={hard}")
+    names = [e.name for e in settings.experiments[:part.train_experiments]]
+    counts = json.loads((part.prepared / "meta.json").read_text())["counts"]
+    part.save(epochs=epochs, train_images=counts["train"] - settings.data.val_size, experiments={}, note="training stops at an epoch boundary when its share of the "
+                                                  "part's time would be exceeded (train --time-budget)")
+    runs: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        share = max(part.remaining() - 10, 1) / (len(names) - i)
+        cuda = torch.cuda.is_available() and settings.train.device != "cpu"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        run_dir = part.out / "train" / name
+        stopped = None
+        try:
+            train_mod.train(settings, settings.experiment(name), run_dir, quiet=True,
+                            live_dir=part.out / "train" / "live" / name, time_budget=share)
+        except train_mod.BudgetReached as e:
+            stopped = str(e)
+        runs[name] = {"model": settings.experiment(name).model, **run_figures(run_dir, cuda),
+                      "stopped_by_budget": stopped, "budget_s": round(share, 1)}
+        part.save(experiments=runs)
+
+
+def run_figures(run_dir: Path, cuda: bool) -> dict[str, Any]:
+    """Accuracy after the last epoch, training images/s and peak memory of one (possibly partial) run."""
+    import torch
+    from . import checkpoint
+    from .runtime import RunPaths
+    record = checkpoint.read_sidecar(RunPaths(run_dir).state)
+    history = record.get("history") or []
+    last = history[-1] if history else {}
+    figures = {"epochs_done": record.get("epochs_done", 0),
+               "val_natural_acc": last.get("val_natural_acc"), "val_pgd_acc": last.get("val_pgd_acc"),
+               "train_images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
+               "epoch_wall_s": round(record["wall_s"] / record["epochs_done"], 2) if record.get("epochs_done") else None}
+    if cuda:
+        figures.update(peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), memory="CUDA allocated")
+    else:
+        figures.update(peak_memory_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                       memory="host peak RSS of the process")
+    return figures
+
+
+# --------------------------------------------------------------------------- paper columns
+def part_columns(part: Part) -> None:
+    """The paper columns A1-A4 for one model on (up to) 10,000 test images, one noise seed, fp32 as configured."""
+    import torch
+    from . import evaluate
+    from .data import load_prepared
+    from .loader import pick_device
+    from .models import build
+    from .runtime import channels_last_for
+    settings = part.settings()
+    ev = settings.evaluate
+    device = pick_device(ev.device)
+    channels_last = channels_last_for(device, settings)
+    trained = [p for p in sorted((part.out / "train").glob(f"{NOISY_MODEL}-*")) if (p / "deployed.safetensors").is_file()]
+    if trained:
+        model, _, _ = evaluate.load_run(trained[0], device, channels_last)
+        source = f"trained in the train part ({trained[0].name})"
+    else:
+        arch = dry_model(NOISY_MODEL) if part.dry else NOISY_MODEL
+        model = build(arch, seed=0).to(device).eval()
+        model = model.to(memory_format=torch.channels_last) if channels_last else model
+        source = f"untrained {arch} (timing only: the train part left no model)"
+    amp = ev.amp == "bf16" or (ev.amp == "auto" and device.type == "cuda")
+    scorer = evaluate.Scorer(evaluate.AutocastLogits(model, device.type) if amp else model, device, ev.batch_size,
+                             True, channels_last)
+    data = load_prepared(part.prepared)
+    x_test, y_test = torch.as_tensor(data.x_test), torch.as_tensor(data.y_test).long()
+    n = min(len(y_test), 10000)
+    part.save(model=source, images=n, seeds=1, amp="bf16" if amp else "fp32", device=str(device), columns={})
+    columns: dict[str, Any] = {}
+    for key, spec in ev.attacks.items():
+        job = evaluate.Job(key, spec, 0.0 if spec.attack == "natural" else spec.eps, False, n, (0,))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        entry, _ = evaluate.run_job(scorer, job, x_test, y_test, evaluate.noise_active(model))
+        columns[key] = {"column": spec.paper_column, "seconds": entry["seconds"], "accuracy": entry["mean"],
+                        "images_per_s": round(n / max(entry["seconds"], 1e-9), 1)}
+        part.save(columns=columns, total_s=round(sum(c["seconds"] for c in columns.values()), 2))
+
+
+PARTS = {"env": part_env, "cuda_tests": part_cuda_tests, "bench": part_bench, "data": part_data,
+         "train": part_train, "columns": part_columns}

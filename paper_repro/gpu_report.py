@@ -1,0 +1,161 @@
+"""The gpu-check report: its Markdown rendering and the paper-grid estimate derived from the measured parts.
+
+The estimate is arithmetic on measured figures only (an epoch of each trained model, the paper columns of
+one model); the scaling assumptions are written into the report beside the numbers, and with ``--dry`` it
+is labelled as not a GPU figure.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from . import config, recipe
+from .gpu_parts import GPU_PARAMS, ROOT
+from .models.enresnet import parse_name
+from .models.resnet import blocks_per_stage
+
+ASSUMPTIONS = (
+    "training time of a run = epochs x (measured wall time of one epoch, validation included, of the trained "
+    "model with the same noise: plain resnet20 or en1resnet20) x members x depth factor (blocks / 3) x passes "
+    "per image relative to PGD-10 training (natural 1, pgd_at 1+steps, tradeoff/trades 2+steps)",
+    "paper-column time of a run = measured A1-A4 time of one model per image x 10,000 images x seeds x "
+    "members x depth factor",
+    "not included: the audit and sanity attacks, data preparation, queueing; no stacking",
+)
+
+
+def passes(loss: str, steps: int) -> int:
+    """Forward/backward passes per training image: the attack's steps plus the loss's own passes."""
+    return {"natural": 1, "pgd_at": 1 + steps, "tradeoff": 2 + steps, "trades": 2 + steps}[loss]
+
+
+def model_factor(model: str) -> float:
+    """Cost of a model relative to one ResNet20 member: members x blocks per stage / 3."""
+    members, depth, _ = parse_name(model)
+    return members * blocks_per_stage(depth) / 3
+
+
+def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
+    """GPU-hours of the gpu and paper profiles' grids from the train and columns parts (None: nothing measured)."""
+    train = parts.get("train", {}).get("result", {})
+    measured = {n: f for n, f in (train.get("experiments") or {}).items() if f.get("epoch_wall_s")}
+    if not measured or not train.get("train_images"):
+        return None
+    gpu, paper = config.load(GPU_PARAMS), config.load(ROOT / "params.yaml")
+    scale = recipe.TRAIN_IMAGES / train["train_images"]
+    unit: dict[bool, float] = {}  # seconds of one PGD-10 epoch of one ResNet20 member, by noisy
+    for name, fig in measured.items():
+        exp = gpu.experiment(name)
+        cost = model_factor(exp.model) * passes(exp.loss, gpu.train.pgd.steps) / passes("pgd_at", gpu.train.pgd.steps)
+        unit[parse_name(exp.model)[2]] = fig["epoch_wall_s"] * scale / cost
+    fallback = statistics.mean(unit.values())
+    columns = parts.get("columns", {}).get("result", {})
+    per_image = columns.get("total_s") / columns["images"] if columns.get("total_s") and columns.get("images") else None
+    out: dict[str, Any] = {"dry": dry, "note": "dry run on the CPU: not a GPU figure" if dry else
+                           "first-order extrapolation from this report's measured figures",
+                           "epoch_s_resnet20_member": {("noisy" if k else "plain"): round(v, 2) for k, v in unit.items()},
+                           "assumptions": list(ASSUMPTIONS), "profiles": {}}
+    for label, settings in (("gpu", gpu), ("paper", paper)):
+        steps = settings.train.pgd.steps
+        train_s = sum(settings.train.epochs * unit.get(parse_name(e.model)[2], fallback) * model_factor(e.model)
+                      * passes(e.loss, steps) / passes("pgd_at", steps) for e in settings.experiments)
+        row = {"runs": len(settings.experiments), "epochs": settings.train.epochs, "train_gpu_hours": round(train_s / 3600, 2)}
+        if per_image is not None:
+            eval_s = sum(per_image * recipe.TEST_IMAGES * len(settings.evaluate.seeds) * model_factor(e.model)
+                         for e in settings.experiments)
+            row["paper_columns_gpu_hours"] = round(eval_s / 3600, 2)
+        out["profiles"][label] = row
+    return out
+
+
+# --------------------------------------------------------------------------- Markdown
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows), ""]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The human-readable report: device and versions, one section per part, the estimate, the failures."""
+    parts = report["parts"]
+    lines = [f"# GPU check: {report.get('device') or 'device unknown'} ({report['created']})", ""]
+    if report["dry"]:
+        lines += ["**Dry run on the CPU** (tiny sizes, synthetic data): it tests the check; no figure below is "
+                  "a GPU figure.", ""]
+    lines += [f"Command: `{report['command']}`; profile `{report['params']}`; budget {report['budget_s']:g} s, "
+              f"wall {report['wall_s']:g} s; {'all parts passed' if report['ok'] else '**not all parts passed**'}.", ""]
+    lines += _table(["version", "value"], [[k, v] for k, v in report["versions"].items()])
+    lines += ["## Parts", ""] + _table(["part", "status", "seconds", "timeout s", "note"], [
+        [name, p["status"], p.get("seconds"), p.get("timeout_s"), p.get("reason", "")] for name, p in parts.items()])
+    lines += _tests(parts.get("cuda_tests")) + _bench(parts.get("bench")) + _train(parts.get("train"))
+    lines += _columns(parts.get("columns")) + _estimate(report.get("estimate"))
+    for name, p in parts.items():
+        if p.get("error"):
+            lines += [f"## {name}: {p['status']}", "", "```", p["error"], "```", ""]
+    return "\n".join(lines)
+
+
+def _tests(part: dict[str, Any] | None) -> list[str]:
+    r = (part or {}).get("result", {})
+    if not r:
+        return []
+    lines = ["## CUDA-only tests (`pytest -m cuda`)", "",
+             f"{r.get('collected', 0)} collected, {r.get('passed', 0)} passed, {len(r.get('failed', []))} failed, "
+             f"{len(r.get('skipped', []))} skipped.", ""]
+    return lines + [f"- failed: `{n}`" for n in r.get("failed", [])] + (
+        [f"- skipped: {r['skipped'][0]} (and {len(r['skipped']) - 1} more)", ""] if r.get("skipped") else [""])
+
+
+def _bench(part: dict[str, Any] | None) -> list[str]:
+    r = (part or {}).get("result", {})
+    if not r.get("results"):
+        return []
+    rows = []
+    for key, row in r["results"].items():
+        base, new = [k for k in row["stats"]]
+        st = row["stats"]
+        rows.append([key, f"{base} {st[base]['median']:,.1f} (±{st[base]['spread_pct']:.0f}%)",
+                     f"{new} {st[new]['median']:,.1f} (±{st[new]['spread_pct']:.0f}%)",
+                     f"{row['speedup']:.2f}x [{row['speedup_range'][0]:.2f}-{row['speedup_range'][1]:.2f}]"])
+    setup = r.get("setup", {})
+    return ["## bench (images/s: median of repeats, spread = (max-min)/median)", "",
+            f"Batch {setup.get('batch')}, PGD-{setup.get('pgd_steps')}, {setup.get('warmup')} warm-up + "
+            f"{setup.get('repeats')} x {setup.get('timed')} timed steps per loop, loops interleaved; "
+            f"{r.get('environment', {}).get('device')}.", ""] + _table(["step", "reference loop", "compared loop",
+                                                                         "speedup [range]"], rows)
+
+
+def _train(part: dict[str, Any] | None) -> list[str]:
+    r = (part or {}).get("result", {})
+    if not r.get("experiments"):
+        return []
+    rows = [[f"{name} ({f.get('model')})", f.get("epochs_done"), f.get("val_natural_acc"), f.get("val_pgd_acc"), f.get("train_images_per_s"),
+             f.get("epoch_wall_s"), f"{_fmt(f.get('peak_memory_gib'), 2)} GiB ({f.get('memory')})",
+             "budget" if f.get("stopped_by_budget") else "done"] for name, f in r["experiments"].items()]
+    return [f"## Short training ({r.get('train_images', '?')} training images, up to {r.get('epochs')} epochs)", ""] + \
+        _table(["experiment", "epochs", "val natural %", "val PGD %", "train img/s", "epoch s (with val)",
+                "peak memory", "ended by"], rows)
+
+
+def _columns(part: dict[str, Any] | None) -> list[str]:
+    r = (part or {}).get("result", {})
+    if not r.get("columns"):
+        return []
+    rows = [[c["column"], key, c["seconds"], c["images_per_s"], c["accuracy"]] for key, c in r["columns"].items()]
+    return [f"## Paper columns A1-A4 ({r['images']} test images, one noise seed, {r['amp']}; {r['model']})", ""] + \
+        _table(["column", "attack", "seconds", "images/s", "accuracy %"], rows) + [f"Total {_fmt(r.get('total_s'))} s.", ""]
+
+
+def _estimate(est: dict[str, Any] | None) -> list[str]:
+    if not est:
+        return ["## Paper-grid estimate", "", "Not computed: the train part measured no epoch.", ""]
+    rows = [[name, p["runs"], p["epochs"], p["train_gpu_hours"], p.get("paper_columns_gpu_hours")]
+            for name, p in est["profiles"].items()]
+    return ["## Paper-grid estimate", "", f"{est['note']}.", ""] + \
+        _table(["profile", "runs", "epochs", "training GPU-hours", "paper-column GPU-hours"], rows) + \
+        [f"- {a}" for a in est["assumptions"]] + [""]
