@@ -87,10 +87,15 @@ def baseline_steps(model, optimizer, images, labels, batch, kind, attack, device
             yield y.numel()
 
 
-def our_steps(model, optimizer, images, labels, batch, kind, attack, device, settings) -> Iterator[int]:
+def our_steps(model, optimizer, images, labels, batch, kind, attack, device, settings,
+              compile_mode: str | None = None) -> Iterator[int]:
+    """Our loop; with ``compile_mode`` the network runs through ``torch.compile`` (fused kernels, and CUDA
+    graphs with "reduce-overhead"): the first steps compile, so warm-up must cover them."""
     channels_last = channels_last_for(device, settings)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if compile_mode:
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     loader = DeviceLoader(images, labels, batch, device, augment=True, shuffle=True, drop_last=True,
                           channels_last=channels_last)
     experiment = Experiment(name="bench", model="resnet20", loss="pgd_at" if kind == "pgd_at" else "natural")
@@ -187,7 +192,7 @@ def _line(key: str, row: dict, base: str, new: str) -> str:
 
 def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ...], batch: int, warmup: int,
         timed: int, n_images: int, device: torch.device, log: Callable[[str], None] = print, repeats: int = 1,
-        stacked: tuple[int, ...] = (), stacked_model: str = "resnet20") -> dict:
+        stacked: tuple[int, ...] = (), stacked_model: str = "resnet20", compile_mode: str | None = None) -> dict:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n_images, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n_images)
@@ -196,14 +201,20 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
     for name in models:
         for kind in kinds:
             loops = {}
-            for loop in ("baseline", "ours"):
+            for loop in ("baseline", "ours", "compiled") if compile_mode else ("baseline", "ours"):
                 model = build(name, seed=0).to(device)
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
                 loops[loop] = (baseline_steps(model, opt, images, labels, batch, kind, attack, device)
                                if loop == "baseline"
-                               else our_steps(model, opt, images, labels, batch, kind, attack, device, settings))
-            row = results[f"{kind}_{name}"] = compare(measure(loops, warmup, timed, repeats, device), "baseline", "ours")
+                               else our_steps(model, opt, images, labels, batch, kind, attack, device, settings,
+                                              compile_mode if loop == "compiled" else None))
+            runs = measure(loops, warmup, timed, repeats, device)
+            row = results[f"{kind}_{name}"] = compare(runs, "baseline", "ours")
             log(_line(f"{kind} {name}", row, "baseline", "ours"))
+            if compile_mode:
+                extra = results[f"{kind}_{name}_compiled"] = {**compare(runs, "baseline", "compiled"),
+                                                              "compile_mode": compile_mode}
+                log(_line(f"{kind} {name}", extra, "baseline", "compiled") + f" (torch.compile {compile_mode})")
     for k in stacked:
         loops = {loop: stacked_steps(stacked_model, k, images, labels, batch, attack, device, settings,
                                      loop == "stacked") for loop in ("sequential", "stacked")}
@@ -230,6 +241,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time K stacked models against K sequential ones (PGD training step), e.g. 2 4")
     p.add_argument("--stacked-model", default="resnet20", help="architecture of the stacked comparison")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", dest="compile_mode", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="also time our loop with the network under torch.compile in this mode (warm-up compiles)")
     p.add_argument("--json", type=Path, help="also write the results here (e.g. reports/bench.json)")
 
 
@@ -249,10 +262,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"bench on {env['device']}, torch {env['torch']}, batch {args.batch_size}, PGD-{settings.train.pgd.steps}, "
           f"{args.warmup} warm-up + {repeats} x {timed} timed steps per loop (interleaved)")
     results = run(settings, tuple(args.models), tuple(args.kinds), args.batch_size, args.warmup, timed, n_images,
-                  device, repeats=repeats, stacked=tuple(args.stacked), stacked_model=args.stacked_model)
+                  device, repeats=repeats, stacked=tuple(args.stacked), stacked_model=args.stacked_model,
+                  compile_mode=args.compile_mode)
     if args.json:
         setup = {"batch_size": args.batch_size, "warmup": args.warmup, "timed_steps": timed, "repeats": repeats,
-                 "pgd_steps": settings.train.pgd.steps, "amp": use_amp(settings, device)}
+                 "pgd_steps": settings.train.pgd.steps, "amp": use_amp(settings, device),
+                 "compile": args.compile_mode}
         atomic.write_json(args.json, {"environment": env, "setup": setup, "results": results}, indent=2)
     for key, row in results.items():
         if key != "pgd_at_resnet20":

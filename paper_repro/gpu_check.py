@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import signal
@@ -29,12 +30,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from . import atomic, config
-from .gpu_parts import GPU_PARAMS, PARTS, ROOT, Part
+from .gpu_parts import GPU_PARAMS, PARTS, ROOT, Part, git_commit
 from .gpu_report import grid_estimate, markdown
 from .runtime import positive_seconds
 
-#: Share of --budget-s each part may take (its timeout); the train part uses its share as a time budget.
-SHARES = {"env": 0.04, "cuda_tests": 0.14, "bench": 0.26, "data": 0.06, "train": 0.30, "columns": 0.20}
+#: Relative share of the budget each part may take. A part's timeout is its share of the time still left
+#: among the parts still to run, so time an early part does not use passes to the later ones (bench runs
+#: last: on the first H200 run it needed ~170 s while train/columns/data left ~180 s of their shares unused).
+SHARES = {"env": 0.04, "cuda_tests": 0.14, "data": 0.06, "train": 0.30, "columns": 0.20, "bench": 0.26}
 NEEDS = {"train": "data", "columns": "data"}  # part -> the part whose output it reads
 REPORT_VERSION = 1
 LOG_TAIL_LINES = 25
@@ -51,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "data/cifar-10-python.tar.gz, then data/standin/)")
     p.add_argument("--train-experiments", type=int, default=2, help="first N experiments of the profile to train")
     p.add_argument("--train-epochs", type=int, default=3, help="epochs of each (fewer when its time share runs out)")
+    p.add_argument("--render", type=Path, metavar="SRC",
+                   help="re-render SRC/gpu_check.json (a report made elsewhere) into --out with this code; runs nothing")
+    p.add_argument("--root-was", default=str(ROOT),
+                   help="with --render: the repository folder on the machine that made the report (scrubbed to .)")
     p.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # internal: run one part here
     p.add_argument("--part-timeout", type=float, default=0.0, help=argparse.SUPPRESS)
 
@@ -61,6 +68,8 @@ def main(args: argparse.Namespace) -> int:
     if not Path(args.params).is_file():
         raise config.ConfigError(f"{args.params}: settings file not found (gpu-check reads the gpu profile)")
     out = Path(args.out).resolve()
+    if args.render:
+        return render(Path(args.render), out, args.root_was)
     if args.part:
         part = Part(args.part, out, args.dry, args.part_timeout, Path(args.params).resolve(), args.archive,
                     args.train_experiments, args.train_epochs)
@@ -77,13 +86,14 @@ def orchestrate(args: argparse.Namespace, out: Path) -> int:
     report: dict[str, Any] = {"kind": "gpu-check", "version": REPORT_VERSION, "dry": bool(args.dry),
                               "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                               "budget_s": args.budget_s, "params": _shown(Path(args.params)),
-                              "command": "python -m paper_repro gpu-check " + " ".join(sys.argv[2:]), "parts": {}}
+                              "command": "python -m paper_repro gpu-check " + " ".join(map(portable, sys.argv[2:])),
+                              "parts": {}}
     chosen = [name for name in PARTS if name in args.parts]
     bar = tqdm(chosen, desc="gpu-check", unit="part", disable=args.quiet)
-    for name in bar:
+    for i, name in enumerate(bar):
         bar.set_postfix_str(name)
         left = args.budget_s - (time.monotonic() - started)
-        timeout = min(SHARES[name] * args.budget_s, left)
+        timeout = part_timeout(name, chosen[i:], left)
         needed = NEEDS.get(name)
         if needed in chosen and report["parts"].get(needed, {}).get("status") != "ok":
             entry = {"status": "skipped", "reason": f"needs the {needed} part, which did not pass"}
@@ -99,6 +109,11 @@ def orchestrate(args: argparse.Namespace, out: Path) -> int:
     print(f"gpu-check: {'all parts passed' if report['ok'] else 'NOT all parts passed'}; "
           f"report: {out / 'gpu_check.md'}", flush=True)
     return 0 if report["ok"] else 1
+
+
+def part_timeout(name: str, still_to_run: list[str], left: float) -> float:
+    """``name``'s share of the seconds ``left`` among the parts still to run (the last one gets all of it)."""
+    return left * SHARES[name] / sum(SHARES[n] for n in still_to_run)
 
 
 def run_part(args: argparse.Namespace, out: Path, name: str, timeout: float) -> dict[str, Any]:
@@ -148,9 +163,56 @@ def write_report(out: Path, report: dict[str, Any], started: float) -> dict[str,
                   wall_s=round(time.monotonic() - started, 1),
                   ok=bool(parts) and all(p["status"] == "ok" for p in parts.values()))
     report["estimate"] = grid_estimate(parts, report["dry"])
+    shown = scrub(report, {str(out): "<out>", str(ROOT): "."})  # the report names no machine's folders
+    atomic.write_json(out / "gpu_check.json", shown, indent=1, default=str)
+    atomic.write_text(out / "gpu_check.md", markdown(shown))
+    return report
+
+
+def scrub(value: Any, replacements: dict[str, str]) -> Any:
+    """``value`` with every string's absolute folders replaced (longest first: the out folder may be in the repo)."""
+    if isinstance(value, str):
+        for old in sorted(replacements, key=len, reverse=True):
+            value = value.replace(old, replacements[old])
+        return value
+    if isinstance(value, dict):
+        return {k: scrub(v, replacements) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, replacements) for v in value]
+    return value
+
+
+def render(source: Path, out: Path, root_was: str) -> int:
+    """Re-render a report made elsewhere (e.g. on a GPU machine) with this code: folders scrubbed, estimate
+    recomputed from its measured parts, provenance recorded. The measured figures are copied unchanged."""
+    raw_path = source / "gpu_check.json"
+    if not raw_path.is_file():
+        raise config.ConfigError(f"{raw_path}: no gpu-check report to render")
+    raw = json.loads(raw_path.read_text())
+    words = raw.get("command", "").split()
+    out_was = words[words.index("--out") + 1] if "--out" in words[:-1] else None
+    report = scrub(raw, {k: v for k, v in ((out_was, "<out>"), (root_was, ".")) if k and k.startswith("/")})
+    report["command"] = " ".join(portable(w) if w.startswith("/") else w for w in words)
+    report["estimate"] = grid_estimate(report["parts"], report["dry"])
+    report["rendered"] = {"from": f"{raw_path.name} md5 {hashlib.md5(raw_path.read_bytes()).hexdigest()}",
+                          "by": "python -m paper_repro gpu-check --render", "code_commit": git_commit(),
+                          "note": "figures as measured; folders scrubbed and the estimate recomputed by this code"}
+    out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "gpu_check.json", report, indent=1, default=str)
     atomic.write_text(out / "gpu_check.md", markdown(report))
-    return report
+    print(f"rendered {raw_path} -> {out / 'gpu_check.md'}")
+    return 0
+
+
+def portable(arg: str) -> str:
+    """A command-line argument without this machine's absolute paths: relative to the repository, else the name."""
+    path = Path(arg)
+    if not path.is_absolute():
+        return arg
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return path.name
 
 
 def _shown(path: Path) -> str:

@@ -20,7 +20,9 @@ ASSUMPTIONS = (
     "per image relative to PGD-10 training (natural 1, pgd_at 1+steps, tradeoff/trades 2+steps)",
     "paper-column time of a run = measured A1-A4 time of one model per image x 10,000 images x seeds x "
     "members x depth factor",
-    "not included: the audit and sanity attacks, data preparation, queueing; no stacking",
+    "not included: the audit and sanity attacks, data preparation, queueing",
+    "'stacked': the training hours divided by the largest measured K-stacked speedup (bench), as if every run "
+    "trained in a stack of K (runs stack when they share depth, loss kind and training attack)",
 )
 
 
@@ -49,6 +51,7 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
         cost = model_factor(exp.model) * passes(exp.loss, gpu.train.pgd.steps) / passes("pgd_at", gpu.train.pgd.steps)
         unit[parse_name(exp.model)[2]] = fig["epoch_wall_s"] * scale / cost
     fallback = statistics.mean(unit.values())
+    stacked = best_stacked(parts.get("bench", {}).get("result", {}))
     columns = parts.get("columns", {}).get("result", {})
     per_image = columns.get("total_s") / columns["images"] if columns.get("total_s") and columns.get("images") else None
     out: dict[str, Any] = {"dry": dry, "note": "dry run on the CPU: not a GPU figure" if dry else
@@ -64,8 +67,19 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
             eval_s = sum(per_image * recipe.TEST_IMAGES * len(settings.evaluate.seeds) * model_factor(e.model)
                          for e in settings.experiments)
             row["paper_columns_gpu_hours"] = round(eval_s / 3600, 2)
+        if stacked:
+            row["train_gpu_hours_stacked"] = round(train_s / 3600 / stacked[1], 2)
         out["profiles"][label] = row
+    if stacked:
+        out["stacked"] = {"k": stacked[0], "speedup": stacked[1]}
     return out
+
+
+def best_stacked(bench: dict[str, Any]) -> tuple[int, float] | None:
+    """(K, speedup) of the largest K the bench part measured stacked against sequential, if any."""
+    rows = [(int(key.split("_")[0].removeprefix("stacked")), row["speedup"])
+            for key, row in (bench.get("results") or {}).items() if key.startswith("stacked")]
+    return max(rows) if rows else None
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -89,6 +103,9 @@ def markdown(report: dict[str, Any]) -> str:
                   "a GPU figure.", ""]
     lines += [f"Command: `{report['command']}`; profile `{report['params']}`; budget {report['budget_s']:g} s, "
               f"wall {report['wall_s']:g} s; {'all parts passed' if report['ok'] else '**not all parts passed**'}.", ""]
+    if report.get("rendered"):
+        r = report["rendered"]
+        lines += [f"Rendered from {r['from']} by `{r['by']}` at commit {r['code_commit']}: {r['note']}.", ""]
     lines += _table(["version", "value"], [[k, v] for k, v in report["versions"].items()])
     lines += ["## Parts", ""] + _table(["part", "status", "seconds", "timeout s", "note"], [
         [name, p["status"], p.get("seconds"), p.get("timeout_s"), p.get("reason", "")] for name, p in parts.items()])
@@ -117,8 +134,9 @@ def _bench(part: dict[str, Any] | None) -> list[str]:
         return []
     rows = []
     for key, row in r["results"].items():
-        base, new = [k for k in row["stats"]]
+        base, new = list(row)[:2]  # compare() puts the reference and the compared loop first
         st = row["stats"]
+        key = f"{key} (torch.compile {row['compile_mode']})" if row.get("compile_mode") else key
         rows.append([key, f"{base} {st[base]['median']:,.1f} (±{st[base]['spread_pct']:.0f}%)",
                      f"{new} {st[new]['median']:,.1f} (±{st[new]['spread_pct']:.0f}%)",
                      f"{row['speedup']:.2f}x [{row['speedup_range'][0]:.2f}-{row['speedup_range'][1]:.2f}]"])
@@ -154,8 +172,10 @@ def _columns(part: dict[str, Any] | None) -> list[str]:
 def _estimate(est: dict[str, Any] | None) -> list[str]:
     if not est:
         return ["## Paper-grid estimate", "", "Not computed: the train part measured no epoch.", ""]
-    rows = [[name, p["runs"], p["epochs"], p["train_gpu_hours"], p.get("paper_columns_gpu_hours")]
-            for name, p in est["profiles"].items()]
+    k = est.get("stacked", {}).get("k")
+    rows = [[name, p["runs"], p["epochs"], p["train_gpu_hours"], p.get("train_gpu_hours_stacked"),
+             p.get("paper_columns_gpu_hours")] for name, p in est["profiles"].items()]
     return ["## Paper-grid estimate", "", f"{est['note']}.", ""] + \
-        _table(["profile", "runs", "epochs", "training GPU-hours", "paper-column GPU-hours"], rows) + \
+        _table(["profile", "runs", "epochs", "training GPU-hours", f"stacked (K={k or '-'})",
+                "paper-column GPU-hours"], rows) + \
         [f"- {a}" for a in est["assumptions"]] + [""]

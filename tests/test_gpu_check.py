@@ -112,3 +112,85 @@ def test_estimate_scales_measured_epochs_to_the_grid():
     assert "Paper-grid estimate" in markdown({"parts": {}, "created": "now", "dry": False, "command": "c",
                                               "params": "p", "budget_s": 1, "wall_s": 1, "ok": False,
                                               "versions": {}, "estimate": est})
+
+
+def test_time_an_early_part_leaves_unused_passes_to_later_parts():
+    """Shares are of the time still left among the parts still to run; the last part gets all that is left."""
+    order = list(PARTS)
+    assert order[-1] == "bench"  # the part that needed more than its share on the first H200 run
+    first = gpu_check.part_timeout(order[0], order, 480.0)
+    assert first == pytest.approx(480 * gpu_check.SHARES[order[0]] / sum(gpu_check.SHARES.values()))
+    assert gpu_check.part_timeout("bench", ["bench"], 250.0) == 250.0
+    # columns finishing early: bench's timeout grows with what columns left
+    assert gpu_check.part_timeout("bench", ["bench"], 300.0) > gpu_check.part_timeout("columns", ["columns", "bench"], 300.0)
+
+
+def test_estimate_divides_by_the_largest_measured_stacked_speedup_and_renders_compiled_rows():
+    stats = {"median": 1.0, "min": 1.0, "max": 1.0, "spread_pct": 0.0, "runs": [1.0]}
+    bench = {"setup": {"batch": 128}, "environment": {"device": "gpu"}, "results": {
+        "pgd_at_resnet20": {"baseline": 1.0, "ours": 1.5, "speedup": 1.5, "speedup_range": [1.4, 1.6],
+                            "stats": {"baseline": stats, "ours": stats, "compiled": stats}},
+        "pgd_at_resnet20_compiled": {"baseline": 1.0, "compiled": 4.2, "speedup": 4.2, "speedup_range": [4, 4.4],
+                                     "stats": {"baseline": stats, "ours": stats, "compiled": stats},
+                                     "compile_mode": "reduce-overhead"},
+        "stacked2_pgd_at_resnet20": {"speedup": 1.6}, "stacked8_pgd_at_resnet20": {"speedup": 4.0},
+        "stacked4_pgd_at_resnet20": {"speedup": 2.7}}}
+    parts = {"train": {"result": {"train_images": 45000, "experiments": {"resnet20-fp-pgd_at": {"epoch_wall_s": 100.0}}}},
+             "bench": {"result": bench}}
+    est = grid_estimate(parts, dry=False)
+    assert est["stacked"] == {"k": 8, "speedup": 4.0}
+    for row in est["profiles"].values():
+        assert row["train_gpu_hours_stacked"] == pytest.approx(row["train_gpu_hours"] / 4.0, abs=0.01)
+    parts["bench"]["result"]["results"] = {k: v for k, v in bench["results"].items() if "stacked" not in k}
+    md = markdown({"parts": {"bench": {"status": "ok", **parts["bench"]}}, "created": "now", "dry": False, "command": "c", "params": "p",
+                   "budget_s": 1, "wall_s": 1, "ok": True, "versions": {}, "estimate": est})
+    assert "| pgd_at_resnet20_compiled (torch.compile reduce-overhead) | baseline 1.0 (±0%) | compiled 1.0" in md
+    assert "| pgd_at_resnet20 | baseline 1.0 (±0%) | ours 1.0" in md and "stacked (K=8)" in md
+
+
+def test_the_recorded_command_carries_no_machine_paths(tmp_path):
+    assert gpu_check.portable(str(tmp_path / "report")) == "report"
+    assert gpu_check.portable(str(ROOT / "profiles" / "gpu" / "params.yaml")) == "profiles/gpu/params.yaml"
+    assert gpu_check.portable("--budget-s") == "--budget-s" and gpu_check.portable("reports/x") == "reports/x"
+
+
+@pytest.mark.slow
+def test_bench_times_our_loop_under_torch_compile(tmp_path):
+    """`bench --compile` adds a third loop (ours through torch.compile) measured with the others."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "paper_repro", "bench", "--models", "resnet8", "--kinds", "pgd_at",
+                           "--compile", "default", "--batch-size", "8", "--warmup", "2", "--steps", "1",
+                           "--repeats", "1", "--device", "cpu", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    row = doc["results"]["pgd_at_resnet8_compiled"]
+    assert doc["setup"]["compile"] == "default" and row["compile_mode"] == "default"
+    assert row["compiled"] > 0 and set(row["stats"]) == {"baseline", "ours", "compiled"}
+    assert "speedup_pgd_at_resnet8_compiled=" in proc.stdout
+
+
+def test_render_rewrites_a_report_made_elsewhere_without_its_machine_folders(tmp_path):
+    """A report from a GPU machine: its --out and repository folders are scrubbed, the figures kept."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    parts = {"cuda_tests": {"status": "ok", "result": {
+        "command": "-m pytest --junitxml=/scratch/gc/parts/x.xml /elsewhere/repo/tests/test_a.py", "collected": 1,
+        "passed": 1, "failed": [], "skipped": []}},
+        "train": {"status": "ok", "result": {"train_images": 45000, "epochs": 3, "experiments": {
+            "resnet20-fp-pgd_at": {"epoch_wall_s": 26.7, "stopped_by_budget": "state saved in /scratch/gc/train/r"}}}}}
+    (raw / "gpu_check.json").write_text(json.dumps({
+        "kind": "gpu-check", "dry": False, "created": "2026-11-27", "budget_s": 480, "wall_s": 300, "ok": True,
+        "params": "profiles/gpu/params.yaml", "device": "NVIDIA H200", "versions": {"torch": "2.11"},
+        "command": "python -m paper_repro gpu-check --out /scratch/gc --budget-s 480", "parts": parts}))
+    proc = gpu_check_cli(tmp_path, "--render", str(raw), "--root-was", "/elsewhere/repo")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "report" / "gpu_check.json").read_text()
+    assert "/scratch" not in text and "/elsewhere" not in text
+    report = json.loads(text)
+    assert report["command"] == "python -m paper_repro gpu-check --out gc --budget-s 480"
+    assert report["parts"]["cuda_tests"]["result"]["command"] == "-m pytest --junitxml=<out>/parts/x.xml ./tests/test_a.py"
+    assert report["parts"]["train"]["result"]["experiments"]["resnet20-fp-pgd_at"]["epoch_wall_s"] == 26.7
+    assert report["estimate"]["profiles"]["gpu"]["train_gpu_hours"] > 0 and "md5" in report["rendered"]["from"]
+    assert "Rendered from gpu_check.json md5" in (tmp_path / "report" / "gpu_check.md").read_text()
+    assert gpu_check_cli(tmp_path, "--render", str(tmp_path / "none")).returncode != 0
