@@ -5,8 +5,10 @@ stand-in test images, scores the natural accuracy of its model card; the rebuild
 gives the published tables. Nothing here trains."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -115,3 +117,17 @@ def test_rebuild_from_the_bundle_gives_the_published_tables(tmp_path, manifest):
         assert (tmp_path / "rebuilt" / "tables" / table.name).read_text() == table.read_text(), table.name
     assert len(list((tmp_path / "rebuilt" / "notebooks").glob("*.ipynb"))) == len(list((BUNDLE / "notebooks").glob("*")))
     shutil.rmtree(tmp_path / "rebuilt")
+
+
+@pytest.mark.parametrize("folder", sorted((ROOT / "results" / "gpu-check").glob("*/")), ids=lambda p: p.name)
+def test_gpu_results_match_their_manifest_and_name_no_machine_folders(folder):
+    """Each published GPU run lists every file with its md5, and its reports name no machine's folders."""
+    listed = dict(reversed(line.split()) for line in (folder / "README.md").read_text().splitlines()
+                  if re.fullmatch(r"    [0-9a-f]{32}  \S+", line))
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "README.md"}
+    assert set(listed) == present
+    for name, md5 in listed.items():
+        assert hashlib.md5((folder / name).read_bytes()).hexdigest() == md5, name
+    assert publish.machine_paths(folder) == []
+    report = json.loads((folder / "gpu_check.json").read_text())
+    assert report["dry"] is False and report["device"] and report["parts"]["cuda_tests"]["result"]["failed"] == []
