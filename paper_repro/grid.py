@@ -10,7 +10,8 @@ paper_repro train|evaluate -e NAME``), writing into ``runs/<name>/`` and ``metri
 exactly as the stages do, and ``dvc commit`` then records them in dvc.lock. Training runs first for
 all selected experiments, evaluation second: a quantized run's evaluation reads its float twin
 (the transfer check), which is then always trained. ``--executor local`` runs the jobs as
-subprocesses here, ``-j`` at a time, each with cores/j threads.
+subprocesses here, ``-j`` at a time, each with cores/j threads; ``--executor slurm`` submits them
+as Slurm job arrays into the shared workspace (see paper_repro/slurm.py and docs/slurm.md).
 """
 from __future__ import annotations
 
@@ -138,20 +139,52 @@ def commit(stages: Sequence[str], dvc: str = "dvc") -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--executor", choices=("local",), default="local",
-                   help="where jobs run: local = subprocesses on this machine")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="where jobs run: local = subprocesses on this machine, slurm = Slurm job arrays "
+                        "(run from a login node, in a workspace on a shared filesystem)")
     p.add_argument("-j", "--jobs", type=int, default=None,
-                   help="jobs at once (default: number of cores, at most the number of jobs)")
+                   help="local: jobs at once (default: number of cores, at most the number of jobs)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these experiments")
     p.add_argument("--force", action="store_true", help="run every selected job, up to date or not")
     p.add_argument("--no-commit", action="store_true", help="do not `dvc commit` the finished stages")
+    slurm_arguments(p)
+
+
+def slurm_arguments(p: argparse.ArgumentParser) -> None:
+    """The Slurm options, from paper_repro.slurm (imported only when submitit is installed)."""
+    try:
+        from . import slurm
+    except ImportError:  # submitit missing: --executor slurm then says so in one line
+        return
+    slurm.add_arguments(p)
+
+
+def check_executor_options(args: argparse.Namespace) -> None:
+    """Options of one executor given to the other are mistakes, not no-ops."""
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"grid -j must be >= 1, got {args.jobs}")
+    if args.executor == "slurm":
+        if args.jobs is not None:
+            raise ConfigError("grid -j is for --executor local; with slurm use --array-parallelism N")
+        if not hasattr(args, "attach"):
+            raise ConfigError("--executor slurm needs submitit: pip install -r requirements.lock")
+    else:
+        from .slurm import given_options
+        given = given_options(args) if hasattr(args, "attach") else []
+        if given:
+            raise ConfigError(f"grid {given[0]} applies to --executor slurm only")
 
 
 def main(args: argparse.Namespace) -> int:
+    check_executor_options(args)
+    if args.executor == "slurm" and args.attach:
+        return finish_slurm(args, None)
     settings = config.load(args.params, args.overrides)
     if args.overrides:
         raise ConfigError("grid runs the stages as params.yaml defines them; --set would make the results "
                           "differ from what DVC records: edit params.yaml (or use dvc exp run -S) instead")
+    if args.executor == "slurm":
+        return main_slurm(args, settings)
     cores = os.cpu_count() or 1
     phases = plan(settings, args.only, args.force)
     n_jobs = sum(len(p) for p in phases)
@@ -174,4 +207,65 @@ def main(args: argparse.Namespace) -> int:
     print(f"grid: finished in {time.perf_counter() - started:.0f} s; {len(failed)} failed", flush=True)
     for job in failed:
         print(f"grid: {job.dvc_stage} failed: see {job.log}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def follow_up(args: argparse.Namespace) -> str:
+    """The command that follows a --no-wait submission to its end (and records it in dvc.lock)."""
+    params = [] if args.params == Path("params.yaml") else ["--params", str(args.params)]
+    return " ".join(["python -m paper_repro grid --executor slurm --attach", *params,
+                     *(["--no-commit"] if args.no_commit else [])])
+
+
+def main_slurm(args: argparse.Namespace, settings: config.Settings) -> int:
+    """Plan, submit the train and evaluate arrays, then follow them (unless --no-wait)."""
+    from . import slurm
+    slurm_settings = slurm.settings_from(args)
+    slurm.require_slurm()
+    workdir = Path.cwd().resolve()
+    if (workdir / slurm.MANIFEST).is_file():
+        active = slurm.still_active(slurm.load_manifest(workdir))
+        if active:
+            raise ConfigError(f"grid: jobs of the previous submission are still queued or running "
+                              f"({', '.join(active)}): follow them with `{follow_up(args)}` or scancel them")
+    phases = plan(settings, args.only, args.force)
+    if not any(phases):
+        print("grid: every selected experiment is up to date")
+        return 0
+    params = args.params.resolve()
+    manifest = slurm.submit(phases, lambda job: command(job, params), slurm_settings, workdir, not args.no_commit)
+    print(slurm.describe(manifest), flush=True)
+    print(f"grid: job logs in {LOG_DIR}/ (command output) and {slurm.FOLDER}/ (Slurm)", flush=True)
+    if args.no_wait:
+        print(f"grid: not waiting. Watch with `squeue --me`; when the jobs have ended, record their results "
+              f"with: {follow_up(args)}", flush=True)
+        return 0
+    return finish_slurm(args, manifest)
+
+
+def finish_slurm(args: argparse.Namespace, manifest: dict | None) -> int:
+    """Follow a submission to its end, then `dvc commit` the stages whose jobs succeeded."""
+    from . import slurm
+    slurm.require_slurm()
+    workdir = Path.cwd().resolve()
+    manifest = manifest or slurm.load_manifest(workdir)
+    if Path(manifest["workdir"]) != workdir:
+        raise ConfigError(f"grid --attach: the last submission ran in {manifest['workdir']}: run this there")
+    started = time.perf_counter()
+    try:
+        outcome = slurm.follow(manifest)
+    except KeyboardInterrupt:
+        print(f"\ngrid: stopped following; the jobs go on. Follow them again with: {follow_up(args)}",
+              file=sys.stderr)
+        return 130
+    ok = [stage for stage, succeeded in outcome.items() if succeeded]
+    failed = [stage for stage, succeeded in outcome.items() if not succeeded]
+    record = ok and manifest["commit"] and not args.no_commit
+    if record:
+        commit(ok)
+    print(f"grid: the jobs ended after {time.perf_counter() - started:.0f} s of waiting; {len(ok)} done, "
+          f"{len(failed)} failed{'; dvc.lock records the done stages' if record else ''}", flush=True)
+    for entry in slurm.entries_of(manifest):
+        if entry.dvc_stage in failed:
+            print(f"grid: {entry.dvc_stage} failed: see {entry.log} and {entry.slurm_log}", file=sys.stderr)
     return 1 if failed else 0
