@@ -293,9 +293,12 @@ def cw_ref(model: nn.Module, x: Tensor, y: Tensor, eps: float = CW_REF_EPS, lr: 
 
 
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, version: str = "rand", seed: int = 0,
-               n_classes: int = 10, *, steps: int | None = AUTOATTACK_STEPS, verbose: bool = False) -> Tensor:
+               n_classes: int | None = None, *, steps: int | None = AUTOATTACK_STEPS, verbose: bool = False) -> Tensor:
     """AutoAttack (L-inf) through torchattacks: 'rand' (APGD-CE + APGD-DLR, EOT 20) for noisy models,
     'standard' (APGD-CE, APGD-T, FAB-T, Square) for deterministic ones.
+
+    ``n_classes`` None: the model's own number of classes (its logits' width), so CIFAR-100 models get
+    APGD-T's and FAB-T's 9 target classes out of 100, not out of 10.
 
     ``steps`` sets the APGD/FAB iterations (100 as in the original AutoAttack; None keeps
     torchattacks' default of 10). torchattacks reseeds the global RNG; it is restored afterwards.
@@ -303,6 +306,8 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, version: str 
     import torchattacks
 
     y = _check(x, y, eps, 1)
+    if n_classes is None:
+        n_classes = num_classes(model, x)
     if version not in AUTOATTACK_VERSIONS:
         raise ValueError(f"version must be one of {AUTOATTACK_VERSIONS}, got {version!r}")
     x0 = x.detach().clone()
@@ -320,6 +325,19 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, version: str 
         with torch.enable_grad():
             adv = attack(x0, y)
     return adv.detach()
+
+
+def num_classes(model: nn.Module, x: Tensor) -> int:
+    """Classes of ``model``: its build record (models.build), else its last Linear layer's outputs (wrappers
+    included; no forward pass, so no noise stream moves), else the width of its logits on one image."""
+    recorded = (getattr(model, "arch_config", None) or {}).get("num_classes")
+    if isinstance(recorded, int):
+        return recorded
+    heads = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    if heads:
+        return int(heads[-1])
+    with torch.no_grad(), eval_mode(model):
+        return int(model(x[:1]).shape[1])
 
 
 #: Attack name -> callable(model, x, y, **settings), used by the evaluation stage.

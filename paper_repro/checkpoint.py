@@ -1,9 +1,12 @@
 """Checkpoints: safetensors weights plus a JSON sidecar; nothing is ever unpickled.
 
 ``save(path, tensors, sidecar)`` writes ``path`` (safetensors) and ``path.with_suffix(".json")``
-(sidecar), each to a temporary name first and then renamed, so a crash never leaves half a file.
-The sidecar records the SHA-256 of the weights file, so a corrupted file or a weights/sidecar
-pair from two different saves is detected on load. ``load_model`` rebuilds the architecture
+(sidecar) as one unit: both are first written completely under pending names (``.<name>.pending``),
+the pending sidecar last; from then on the save is committed, and the two renames into place are
+redone by ``recover`` if a crash stops them half-way (a write-ahead journal of one entry). A crash
+before the pending sidecar exists leaves the previous pair untouched. The sidecar records the
+SHA-256 of the weights file, so a corrupted file or a weights/sidecar pair from two different
+saves is detected on load (and the error names an unfinished save when that is the cause). ``load_model`` rebuilds the architecture
 named in the sidecar (``arch`` / ``arch_config``) and loads the weights into it.
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -30,6 +33,12 @@ class CheckpointError(RuntimeError):
 
 def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
+
+
+def pending_path(path: str | os.PathLike) -> Path:
+    """Where ``save`` stages a file (weights or sidecar) before renaming it into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.pending")
 
 
 def versions() -> dict[str, str]:
@@ -73,8 +82,13 @@ def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], sidecar: Mapping[str, Any]) -> Path:
-    """Write ``tensors`` to ``path`` (safetensors) and ``sidecar`` (+ format, versions, sha256) as JSON."""
+def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], sidecar: Mapping[str, Any],
+         on_step: Callable[[str], None] | None = None) -> Path:
+    """Write ``tensors`` to ``path`` (safetensors) and ``sidecar`` (+ format, versions, sha256) as JSON,
+    as one unit (see the module docstring). ``on_step(step)``, if given, is called after each step
+    ("weights-tmp": weights in a temp file; "staged": pending weights written; "committed": pending
+    sidecar written; "weights": weights renamed into place, sidecar not yet): the fault-injection tests
+    kill the process there."""
     from safetensors.torch import save as st_save
 
     path = Path(path)
@@ -89,16 +103,56 @@ def save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], sidecar: 
     record.update(format=FORMAT, format_version=FORMAT_VERSION,
                   weights_file=path.name, weights_sha256=hashlib.sha256(blob).hexdigest())
     text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    atomic.write_bytes(path, blob, fsync=True)
-    atomic.write_bytes(sidecar_path(path), text.encode(), fsync=True)
+    step = on_step or (lambda _: None)
+    recover(path)  # finish (or drop) an earlier interrupted save before staging this one
+    atomic.write_bytes(pending_path(path), blob, fsync=True, before_replace=lambda: step("weights-tmp"))
+    step("staged")
+    atomic.write_bytes(pending_path(sidecar_path(path)), text.encode(), fsync=True)  # the commit point
+    atomic.fsync_dir(path.parent)
+    step("committed")
+    os.replace(pending_path(path), path)
+    step("weights")
+    os.replace(pending_path(sidecar_path(path)), sidecar_path(path))
+    atomic.fsync_dir(path.parent)
     return path
+
+
+def recover(path: str | os.PathLike) -> str | None:
+    """Finish or drop an interrupted ``save`` of the checkpoint at ``path``; returns what was done (None:
+    nothing to do). A committed save (its pending sidecar exists) is completed; a save that stopped
+    before its commit point is discarded, which leaves the previous pair as it was. Only the writer of
+    the checkpoint may call this (a reader would race with a save in progress)."""
+    path = Path(path)
+    weights, side = pending_path(path), pending_path(sidecar_path(path))
+    if side.is_file():
+        try:
+            want = json.loads(side.read_text()).get("weights_sha256")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            want = None  # cannot happen for a file renamed into place whole; treat it as not committed
+        source = weights if weights.is_file() else path
+        have = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else None
+        if want is not None and have == want:
+            if source == weights:
+                os.replace(weights, path)
+            os.replace(side, sidecar_path(path))
+            atomic.fsync_dir(path.parent)
+            return f"completed the interrupted save of {path}"
+        side.unlink(missing_ok=True)
+        weights.unlink(missing_ok=True)
+        return f"discarded an unreadable pending save of {path}"
+    if weights.is_file():
+        weights.unlink()
+        return f"discarded the unfinished save of {path} (it stopped before its sidecar was written)"
+    return None
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON sidecar of the checkpoint at ``path`` (weights path or the .json itself)."""
     side = sidecar_path(path)
     if not side.is_file():
-        raise CheckpointError(f"checkpoint sidecar missing: {side} (expected next to {Path(path).name})")
+        unfinished = ("; a save of it was interrupted: `train --resume` completes it"
+                      if pending_path(side).is_file() else "")
+        raise CheckpointError(f"checkpoint sidecar missing: {side} (expected next to {Path(path).name}){unfinished}")
     try:
         record = json.loads(side.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -121,9 +175,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[d
     blob = path.read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
     if digest != record.get("weights_sha256"):
+        unfinished = pending_path(sidecar_path(path)).is_file()
         raise CheckpointError(
             f"checkpoint {path} does not match its sidecar (sha256 {digest[:12]}... != "
-            f"{str(record.get('weights_sha256'))[:12]}...): corrupted or from another save"
+            f"{str(record.get('weights_sha256'))[:12]}...): "
+            + ("a save of it was interrupted; `train --resume` completes it" if unfinished
+               else "corrupted or from another save")
         )
     try:
         tensors = st_load(blob)

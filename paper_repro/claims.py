@@ -21,6 +21,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from . import checks, comparability, stats
+from .metrics_schema import dataset_of
+from .metrics_schema import read_metrics
 
 REGISTRY_PATH = Path(__file__).with_name("claims.yaml")
 NOT_COMPARABLE_BANNER = "NOT COMPARABLE WITH THE PAPER"  # the one wording every report and figure uses
@@ -39,7 +41,7 @@ NUMERIC_REQUIRED = ("id", "source", "citation", "table", "row", "column", "datas
                     "tolerance", "maps_to")
 NUMERIC_OPTIONAL = ("note",)
 MAPS_TO_KEYS = ("run", "select", "metric")
-SELECT_FIELDS = ("model", "quantizer", "method", "loss", "noise", "loss_params")
+SELECT_FIELDS = ("model", "quantizer", "method", "loss", "noise", "loss_params", "dataset")
 QUALITATIVE_REQUIRED = ("id", "claim", "check", "params")
 QUALITATIVE_OPTIONAL = ("note",)
 # A value taken from the paper itself must say where it is printed.
@@ -195,6 +197,9 @@ def _numeric(entry: Any, index: int, sources: Mapping[str, Any], problems: list[
         own.append(f"{name}: a value from the paper needs a page or table in its citation "
                    f"(e.g. \"p. 9, Table 2\"), got {citation!r}")
     maps_to = _maps_to(entry.get("maps_to"), name, own)
+    if maps_to is not None and maps_to.select.get("dataset", "cifar10") != entry.get("dataset"):
+        own.append(f"{name}: a {entry.get('dataset')} number must map to a run on {entry.get('dataset')} "
+                   f"(maps_to.select.dataset is {maps_to.select.get('dataset', 'cifar10 (absent)')!r})")
     problems.extend(own)
     if own:
         return None
@@ -254,17 +259,17 @@ def _qualitative(entry: Any, index: int, problems: list[str]) -> QualitativeClai
 # --------------------------------------------------------------------------------------------
 
 def load_metrics(metrics_dir: str | Path) -> list[dict[str, Any]]:
-    """All metrics/<run>.json documents (dicts with 'model' and 'accuracy'), sorted by run name;
+    """All metrics/<run>.json documents, each validated against the schema (metrics_schema.read_metrics:
+    a malformed one is a MetricsError naming the file and key, never silently dropped), sorted by run;
     a missing folder gives []."""
     folder = Path(metrics_dir)
     if not folder.is_dir():
         return []
     out = []
     for path in sorted(folder.glob("*.json")):
-        data = json.loads(path.read_text())
-        if isinstance(data, dict) and "accuracy" in data and "model" in data:  # skip other JSON files
-            data.setdefault("run", path.stem)
-            out.append(data)
+        data = read_metrics(path)
+        data.setdefault("run", path.stem)
+        out.append(data)
     return sorted(out, key=lambda m: m["run"])
 
 
@@ -301,7 +306,7 @@ def get_path(d: Any, path: str) -> Any:
 
 def matches(m: Mapping[str, Any], select: Mapping[str, Any]) -> bool:
     for key, want in select.items():
-        have = m.get(key)
+        have = dataset_of(m) if key == "dataset" else m.get(key)
         if isinstance(want, Mapping):
             if not isinstance(have, Mapping) or {k: float(v) for k, v in have.items()} != {
                     k: float(v) for k, v in want.items()}:

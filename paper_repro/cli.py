@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ARCHIVE_ENV, ConfigError
+from .config import ARCHIVE_ENV
 
 # command -> (module, one-line help). Each module offers add_arguments(parser) and main(args) -> int.
 COMMANDS = {
@@ -45,19 +46,38 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: Failures a user can act on: one line "error: ..." and exit 2 (the message names the file and what to do).
+#: Looked up in sys.modules, so that the cli imports no heavy module (an error's module is loaded when raised).
+ANTICIPATED = {"paper_repro.config": "ConfigError", "paper_repro.data": "DataError",
+               "paper_repro.metrics_schema": "MetricsError", "paper_repro.checkpoint": "CheckpointError",
+               "paper_repro.claims": "RegistryError", "paper_repro.zoo": "ZooError",
+               "paper_repro.render": "ReportError"}
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def anticipated() -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[m], name) for m, name in ANTICIPATED.items() if m in sys.modules)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(command).parse_args(argv)
-    from .data import DataError
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - re-raised unless anticipated
+        if isinstance(e, anticipated()):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"error: disk full{where}: free space and rerun `{args.command}` (written files are whole: every "
+                  f"write is atomic, and training resumes with --resume)", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

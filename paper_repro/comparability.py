@@ -1,4 +1,4 @@
-"""Is a run comparable with the paper? Computed from the settings that were in effect (recorded in its
+"""Is a run comparable with the paper (or, for CIFAR-100 / SVHN runs, with the authors' recipe on that dataset)? Computed from the settings that were in effect (recorded in its
 metrics), field by field against the paper recipe (recipe.py), never from a profile label; every
 "not comparable" verdict names its deviations ("epochs 10 vs 200; 10,000 training images vs 45,000;
 PGD-3 vs PGD-10 training attack")."""
@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .recipe import (AUGMENT, BATCH_SIZE, EPOCHS, EVAL_SEEDS, LR, LR_GAMMA, MILESTONES, MOMENTUM, NESTEROV,
-                     PAPER_ATTACKS, PAPER_EPS, RELAX, SCHEDULE, TEST_IMAGES, TRAIN_IMAGES, TRAIN_PGD, VAL_IMAGES,
-                     WEIGHT_DECAY)
+from .metrics_schema import dataset_of
+from .recipe import (AUGMENT, BATCH_SIZE, DATASET_LABELS, DEFAULT_DATASET, EPOCHS, EVAL_SEEDS, LR, LR_GAMMA,
+                     MILESTONES, MOMENTUM, NESTEROV, PAPER_ATTACKS, PAPER_EPS, RELAX, SCHEDULE,
+                     TEST_IMAGES_BY_DATASET, TRAIN_IMAGES_BY_DATASET, TRAIN_PGD, VAL_IMAGES, WEIGHT_DECAY)
 
 # The training settings compared field by field, with how each is named in a deviation.
 TRAIN_FIELDS: dict[str, tuple[str, Any]] = {
@@ -29,9 +30,15 @@ def _num(x: Any) -> str:
     return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else str(x)
 
 
+def _named(dataset: str) -> str:
+    """'' for CIFAR-10 (the paper's data, the wording every report already uses), else 'SVHN ' etc."""
+    return "" if dataset == DEFAULT_DATASET else f"{DATASET_LABELS[dataset]} "
+
+
 def training_deviations(train: Mapping[str, Any], split: Mapping[str, Any], quantized: bool,
-                        method: str) -> list[str]:
+                        method: str, dataset: str = DEFAULT_DATASET) -> list[str]:
     """How the training settings in effect differ from the paper's (empty: the paper recipe)."""
+    want_train = TRAIN_IMAGES_BY_DATASET[dataset]
     if not train:
         return ["training settings not recorded (metrics from an older version): recipe unknown"]
     out = [f"{label} {_num(train.get(key))} vs {_num(want)}" for key, (label, want) in TRAIN_FIELDS.items()
@@ -56,26 +63,29 @@ def training_deviations(train: Mapping[str, Any], split: Mapping[str, Any], quan
     n_train, n_val = split.get("train_images"), split.get("val_images")
     if n_train is None:
         out.append("training-set size not recorded")
-    elif n_train != TRAIN_IMAGES:
-        out.append(f"{_num(n_train)} training images vs {_num(TRAIN_IMAGES)}")
+    elif n_train != want_train:
+        out.append(f"{_num(n_train)} {_named(dataset)}training images vs {_num(want_train)}")
     if n_val is not None and n_val != VAL_IMAGES:
         out.append(f"{_num(n_val)} selection images vs {_num(VAL_IMAGES)}")
     return out
 
 
 def evaluation_deviations(m: Mapping[str, Any], attacks: tuple[str, ...] = PAPER_ATTACKS) -> list[str]:
-    """How the evaluation in effect differs from the paper's (10k test images, its attacks, eps 0.031)."""
+    """How the evaluation in effect differs from the paper's (the whole test split: 10k CIFAR images, 26,032
+    SVHN; its attacks, eps 0.031)."""
     out = []
+    dataset = dataset_of(m)
+    want, label = TEST_IMAGES_BY_DATASET[dataset], _named(dataset)
     acc = m.get("accuracy") or {}
     sizes = {key: (acc.get(key) or {}).get("n", m.get("n_examples")) for key in attacks if key in acc}
     if not sizes:
         sizes = {"all": m.get("n_examples")}
     if len(set(sizes.values())) == 1:
         n = next(iter(sizes.values()))
-        if n != TEST_IMAGES:
-            out.append(f"{_num(n)} test images vs {_num(TEST_IMAGES)}")
+        if n != want:
+            out.append(f"{_num(n)} {label}test images vs {_num(want)}")
     else:
-        out += [f"{key} on {_num(n)} test images vs {_num(TEST_IMAGES)}" for key, n in sizes.items() if n != TEST_IMAGES]
+        out += [f"{key} on {_num(n)} {label}test images vs {_num(want)}" for key, n in sizes.items() if n != want]
     seeds = m.get("seeds") or []
     if m.get("noise_active", m.get("noise")) and len(seeds) < EVAL_SEEDS:
         out.append(f"{len(seeds)} noise seed(s) vs {EVAL_SEEDS}")
@@ -95,12 +105,13 @@ def deviations(m: Mapping[str, Any]) -> list[str]:
     """Every way one run's metrics differ from the paper's recipe and data; [] means comparable."""
     out = []
     data = m.get("data") or {}
+    dataset = dataset_of(m)
     if not data.get("official"):
-        out.append("not the official CIFAR-10 data" + (f" ({data.get('source')})" if data.get("source") else ""))
+        out.append(f"not the official {DATASET_LABELS[dataset]} data" + (f" ({data.get('source')})" if data.get("source") else ""))
     training = m.get("training") or {}
     quantized = str(m.get("quantizer", "none")) not in ("none", "fp")
     out += training_deviations(training.get("settings") or {}, training.get("split") or {}, quantized,
-                               str(m.get("method")))
+                               str(m.get("method")), dataset)
     if quantized and training and training.get("trained_quantized") is False:
         out.append("no phase-2 epoch: the deployed Q(W) never trained quantized")
     out += evaluation_deviations(m)

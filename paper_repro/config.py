@@ -7,6 +7,7 @@ setting fails before any work starts rather than hours into a run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -23,7 +24,15 @@ OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE_ENV = "CIFAR10_ARCHIVE"
 
 MODEL_PATTERN = re.compile(r"^(en(\d+))?resnet(\d+)$")
+# The wider grid of the authors' references: WideResNets (TRADES / EnResNet WRN-34-10) and VGG (BinaryRelax demo).
+WRN_PATTERN = re.compile(r"^(en(\d+))?wrn(\d+)-(\d+)$")
+VGG_PATTERN = re.compile(r"^vgg(11|13|16|19)$")
 QUANTIZERS = ("none", "binary", "ternary", "4bit", "kbit")
+#: Options each quantizer takes, with their defaults (None: required). quant.quantizers checks with these.
+QUANTIZER_OPTIONS: dict[str, dict[str, Any]] = {"none": {}, "binary": {}, "4bit": {}, "ternary": {"scale": "ref"},
+                                                "kbit": {"bits": None}}
+TERNARY_SCALES = ("ref", "twn")
+KBIT_MIN, KBIT_MAX = 2, 8
 LOSSES = ("natural", "pgd_at", "tradeoff", "trades")
 PROFILES = ("paper", "gpu", "cpu", "smoke", "test")
 
@@ -44,8 +53,14 @@ class DataSettings:
     expect_counts: list[int] | None = dataclasses.field(default_factory=lambda: [50000, 10000])
     val_size: int = recipe.VAL_IMAGES
     split_seed: int = 0
+    dataset: str = recipe.DEFAULT_DATASET   # the profile's dataset; an experiment may name another
 
     def validate(self, at: str) -> None:
+        _check(self.dataset in recipe.DATASETS, f"{at}.dataset must be one of {list(recipe.DATASETS)}, "
+                                                f"got {self.dataset!r}")
+        _check(self.dataset == "cifar10" or self.md5 != OFFICIAL_MD5,
+               f"{at}.md5 is the CIFAR-10 archive's md5 but {at}.dataset is {self.dataset!r}: set the "
+               f"{self.dataset} source's md5 (or null) with its archive and url")
         _positive_or_none(self.train_limit, f"{at}.train_limit")
         _positive_or_none(self.test_limit, f"{at}.test_limit")
         _check(self.val_size >= 0, f"{at}.val_size must be >= 0, got {self.val_size}")
@@ -279,16 +294,22 @@ class Experiment:
     loss_params: dict[str, float] = field(default_factory=dict)
     quantizer_options: dict[str, Any] = field(default_factory=dict)
     noise: bool = True
+    dataset: str | None = None   # null: the profile's data.dataset
 
     def validate(self, at: str) -> None:
         _check(re.fullmatch(r"[A-Za-z0-9_.@=+-]+", self.name) is not None,
                f"{at}.name must use letters, digits and _.@=+- only, got {self.name!r}")
-        m = MODEL_PATTERN.match(self.model)
-        _check(m is not None and (int(m.group(3)) - 2) % 6 == 0 and int(m.group(3)) >= 8
-               and (m.group(2) is None or int(m.group(2)) >= 1),
-               f"{at}.model: unknown model {self.model!r} (expected resnet<6n+2> or en<k>resnet<6n+2>, "
-               f"e.g. resnet20, en2resnet20, en1resnet56)")
+        _check(_known_model(self.model),
+               f"{at}.model: unknown model {self.model!r} (expected resnet<6n+2>, en<k>resnet<6n+2>, "
+               f"wrn<6n+4>-<widen>, en<k>wrn<6n+4>-<widen> or vgg11/13/16/19, e.g. resnet20, en2resnet20, "
+               f"en1resnet56, en5wrn34-10, vgg11)")
+        _check(self.dataset is None or self.dataset in recipe.DATASETS,
+               f"{at}.dataset must be one of {list(recipe.DATASETS)} or null, got {self.dataset!r}")
         _check(self.quantizer in QUANTIZERS, f"{at}.quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        try:
+            quantizer_options(self.quantizer, self.quantizer_options)
+        except ValueError as e:
+            raise ConfigError(f"{at}.quantizer_options: {e}") from None
         _check(self.loss in LOSSES, f"{at}.loss must be one of {LOSSES}, got {self.loss!r}")
         for key, value in self.loss_params.items():
             _check(key in LOSS_PARAM_KEYS[self.loss],
@@ -341,22 +362,73 @@ class Settings:
         raise ConfigError(f"unknown experiment {name!r}; params.yaml lists: {known}")
 
 
+def quantizer_options(scheme: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """A scheme's options with defaults filled in; ValueError naming what is wrong (unknown scheme or option,
+    a bad value). Torch-free so that params are checked at load, not when training starts."""
+    scheme = "none" if scheme is None else scheme
+    if scheme not in QUANTIZER_OPTIONS:
+        raise ValueError(f"unknown quantizer scheme {scheme!r}; expected one of {QUANTIZERS}")
+    allowed = QUANTIZER_OPTIONS[scheme]
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise ValueError(f"scheme {scheme!r} takes options {sorted(allowed)}, got unknown {sorted(unknown)}")
+    out = {**allowed, **options}
+    if scheme == "ternary" and out["scale"] not in TERNARY_SCALES:
+        raise ValueError(f"ternary scale must be one of {TERNARY_SCALES}, got {out['scale']!r}")
+    if scheme == "kbit":
+        bits = out["bits"]
+        if not isinstance(bits, int) or isinstance(bits, bool) or not KBIT_MIN <= bits <= KBIT_MAX:
+            raise ValueError(f"kbit needs an integer bits in [{KBIT_MIN}, {KBIT_MAX}], got {bits!r}")
+    return out
+
+
 # --------------------------------------------------------------------------- loading
+class StrictLoader(yaml.SafeLoader):
+    """YAML for params: a repeated key is an error (PyYAML keeps the last one silently), and floats follow
+    YAML 1.2 (``1e6`` and ``5e-4`` are numbers; PyYAML's YAML 1.1 rules read them as strings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} (lines {seen[key]} and {key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` read with StrictLoader (ConfigError for duplicate keys, as for invalid YAML)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Settings:
     """Read params.yaml (plus ``key.sub=value`` overrides) into validated Settings."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: settings file not found (run from the project root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {e})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:
         _apply_override(raw, item)
     return from_dict(raw, origin=str(path))
 
 
 def from_dict(raw: dict[str, Any], origin: str = "params") -> Settings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
         raw = _experiments_as_list(raw)
         settings = _build(Settings, raw, "")
@@ -404,7 +476,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(value)
+    try:
+        node[keys[-1]] = parse_yaml(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: not valid YAML ({e.__class__.__name__})") from None
 
 
 def _build(cls: type, raw: Any, path: str) -> Any:
@@ -464,12 +539,25 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported setting type {tp}")  # pragma: no cover - programming error
+
+
+def _known_model(name: str) -> bool:
+    """The names paper_repro.models.build accepts (checked here without importing torch)."""
+    m, w = MODEL_PATTERN.match(name), WRN_PATTERN.match(name)
+    if m is not None:
+        return (int(m.group(3)) - 2) % 6 == 0 and int(m.group(3)) >= 8 and (m.group(2) is None or int(m.group(2)) >= 1)
+    if w is not None:
+        return ((int(w.group(3)) - 4) % 6 == 0 and int(w.group(3)) >= 10 and int(w.group(4)) >= 1
+                and (w.group(2) is None or int(w.group(2)) >= 1))
+    return VGG_PATTERN.match(name) is not None
 
 
 def _join(path: str, key: str) -> str:

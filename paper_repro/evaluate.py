@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import inspect
 import io
 import json
@@ -257,8 +258,13 @@ def accuracy_stats(correct: np.ndarray) -> dict[str, Any]:
 # --------------------------------------------------------------------------- loading
 def load_run(run_dir: Path, device: torch.device,
              channels_last: bool = False) -> tuple[nn.Module, dict[str, Tensor], dict[str, Any]]:
-    """The deployed model (eval mode, on ``device``), its tensors (CPU) and sidecar."""
-    path = RunPaths(Path(run_dir)).deployed
+    """The deployed model (eval mode, on ``device``), its tensors (CPU) and sidecar; refuses a run folder
+    that does not hold one finished training (marked INCOMPLETE by train)."""
+    paths = RunPaths(Path(run_dir))
+    if paths.incomplete.is_file():
+        raise ConfigError(f"{run_dir} holds no finished training (marked {paths.incomplete.name}: in progress, stopped "
+                          f"or diverged): finish it with `python -m paper_repro train --resume`, then evaluate")
+    path = paths.deployed
     tensors, sidecar = checkpoint.load(path, "cpu")
     if "arch" not in sidecar:
         raise checkpoint.CheckpointError(f"{checkpoint.sidecar_path(path)} has no 'arch': cannot rebuild the model")
@@ -336,7 +342,7 @@ def evaluate_run(settings: Settings, experiment: Experiment, run_dir: Path, out_
     check_identity(experiment, sidecar, run_dir)
     amp = ev.amp == "bf16" or (ev.amp == "auto" and device.type == "cuda")
     model = AutocastLogits(base, device.type) if amp else base
-    data = load_prepared(settings.data.prepared)
+    data = load_prepared(settings.data.prepared, experiment.dataset)
     x_test, y_test = torch.as_tensor(data.x_test), torch.as_tensor(data.y_test).long()
     noisy = noise_active(base)
     jobs, skipped_attacks = plan(ev, len(y_test), noisy)
@@ -362,8 +368,9 @@ def evaluate_run(settings: Settings, experiment: Experiment, run_dir: Path, out_
     metrics["timing"] = {"load_s": round(load_s, 2), "attacks_s": {k: v["seconds"] for k, v in accuracy.items()},
                          "sanity_s": round(sanity_s, 2), "total_s": round(time.perf_counter() - started, 2)}
     validate_metrics(metrics)
-    write_examples(examples_path(out_path), examples, accuracy, y_test[:max((j.n for j in jobs), default=0)])
-    write_json(out_path, metrics)
+    blob = examples_bytes(examples, accuracy, y_test[:max((j.n for j in jobs), default=0)])
+    metrics["examples"]["md5"] = hashlib.md5(blob).hexdigest()
+    write_pair(examples_path(out_path), blob, out_path, metrics)
     return metrics
 
 
@@ -587,8 +594,8 @@ def npz_key(attack: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@=+-]", "_", attack)
 
 
-def write_examples(path: Path, examples: Mapping[str, np.ndarray], accuracy: Mapping[str, Mapping[str, Any]],
-                   y: Tensor) -> None:
+def examples_bytes(examples: Mapping[str, np.ndarray], accuracy: Mapping[str, Mapping[str, Any]],
+                   y: Tensor) -> bytes:
     """Per-example correctness, one bool (seeds, n) array per attack; loadable with allow_pickle=False."""
     arrays: dict[str, np.ndarray] = {"y": y.numpy().astype(np.int64), "index": np.arange(len(y), dtype=np.int64)}
     for key, correct in examples.items():
@@ -596,11 +603,18 @@ def write_examples(path: Path, examples: Mapping[str, np.ndarray], accuracy: Map
         arrays[f"{npz_key(key)}.seeds"] = np.asarray(accuracy[key]["seeds"], dtype=np.int64)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    atomic.write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic.write_json(path, obj, indent=1)
+def write_pair(examples_file: Path, blob: bytes, metrics_file: Path, metrics: Mapping[str, Any]) -> None:
+    """The examples file and the metrics that describe it, as a pair: both are serialised before either is
+    written (a failure to serialise writes nothing), the metrics name the examples' md5 (a pair from two runs
+    is detectable), and the old metrics go first, so a failure in between leaves no metrics describing
+    other examples: evaluate then simply reruns."""
+    text = json.dumps(metrics, allow_nan=False, indent=1) + "\n"
+    metrics_file.unlink(missing_ok=True)
+    atomic.write_bytes(examples_file, blob)
+    atomic.write_text(metrics_file, text)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -11,15 +11,17 @@ from typing import Any
 
 from . import config, recipe
 from .gpu_parts import GPU_PARAMS, ROOT
-from .models.enresnet import parse_name
+from .models.enresnet import parse_arch
 from .models.resnet import blocks_per_stage
 
 ASSUMPTIONS = (
     "training time of a run = epochs x (measured wall time of one epoch, validation included, of the trained "
-    "model with the same noise: plain resnet20 or en1resnet20) x members x depth factor (blocks / 3) x passes "
-    "per image relative to PGD-10 training (natural 1, pgd_at 1+steps, tradeoff/trades 2+steps)",
-    "paper-column time of a run = measured A1-A4 time of one model per image x 10,000 images x seeds x "
-    "members x depth factor",
+    "model with the same noise: plain resnet20 or en1resnet20) x members x depth factor (blocks / 3; WideResNet "
+    "and VGG: their multiply-accumulates per image relative to ResNet20's, counted) x passes per image relative "
+    "to PGD-10 training (natural 1, pgd_at 1+steps, tradeoff/trades 2+steps) x training images relative to "
+    "CIFAR-10's 45,000 (SVHN 68,257)",
+    "paper-column time of a run = measured A1-A4 time of one model per image x test images (10,000; SVHN "
+    "26,032) x seeds x members x depth factor",
     "not included: the audit and sanity attacks, data preparation, queueing",
     "'stacked': the training hours divided by the largest measured K-stacked speedup (bench), as if every run "
     "trained in a stack of K (runs stack when they share depth, loss kind and training attack)",
@@ -32,9 +34,34 @@ def passes(loss: str, steps: int) -> int:
 
 
 def model_factor(model: str) -> float:
-    """Cost of a model relative to one ResNet20 member: members x blocks per stage / 3."""
-    members, depth, _ = parse_name(model)
-    return members * blocks_per_stage(depth) / 3
+    """Cost of a model relative to one ResNet20 member: members x blocks per stage / 3 for ResNets (their
+    counted MACs agree within 4%); WideResNet and VGG: members x counted MACs / ResNet20's."""
+    arch = parse_arch(model)
+    if arch.family == "resnet":
+        return arch.members * blocks_per_stage(arch.depth) / 3
+    return arch.members * mac_ratio(f"{arch.family}{arch.depth}" + (f"-{arch.widen}" if arch.family == "wrn" else ""))
+
+
+def mac_ratio(member: str) -> float:
+    """Multiply-accumulates of one ``member`` per 32x32 image over ResNet20's (cached: counting builds it)."""
+    if member not in _MAC_RATIOS:
+        from .models import build, count_macs
+
+        _MAC_RATIOS[member] = round(count_macs(build(member)) / count_macs(build("resnet20")), 2)
+    return _MAC_RATIOS[member]
+
+
+_MAC_RATIOS: dict[str, float] = {}
+
+
+def noisy(model: str) -> bool:
+    return parse_arch(model).noisy
+
+
+def data_factor(dataset: str | None, settings: config.Settings) -> tuple[float, float]:
+    """(training, test) images of a run's dataset relative to CIFAR-10's."""
+    d = dataset or settings.data.dataset
+    return (recipe.TRAIN_IMAGES_BY_DATASET[d] / recipe.TRAIN_IMAGES, recipe.TEST_IMAGES_BY_DATASET[d] / recipe.TEST_IMAGES)
 
 
 def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
@@ -49,7 +76,7 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
     for name, fig in measured.items():
         exp = gpu.experiment(name)
         cost = model_factor(exp.model) * passes(exp.loss, gpu.train.pgd.steps) / passes("pgd_at", gpu.train.pgd.steps)
-        unit[parse_name(exp.model)[2]] = fig["epoch_wall_s"] * scale / cost
+        unit[noisy(exp.model)] = fig["epoch_wall_s"] * scale / cost
     fallback = statistics.mean(unit.values())
     stacked = best_stacked(parts.get("bench", {}).get("result", {}))
     columns = parts.get("columns", {}).get("result", {})
@@ -60,12 +87,13 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
                            "assumptions": list(ASSUMPTIONS), "profiles": {}}
     for label, settings in (("gpu", gpu), ("paper", paper)):
         steps = settings.train.pgd.steps
-        train_s = sum(settings.train.epochs * unit.get(parse_name(e.model)[2], fallback) * model_factor(e.model)
-                      * passes(e.loss, steps) / passes("pgd_at", steps) for e in settings.experiments)
+        train_s = sum(settings.train.epochs * unit.get(noisy(e.model), fallback) * model_factor(e.model)
+                      * passes(e.loss, steps) / passes("pgd_at", steps) * data_factor(e.dataset, settings)[0]
+                      for e in settings.experiments)
         row = {"runs": len(settings.experiments), "epochs": settings.train.epochs, "train_gpu_hours": round(train_s / 3600, 2)}
         if per_image is not None:
             eval_s = sum(per_image * recipe.TEST_IMAGES * len(settings.evaluate.seeds) * model_factor(e.model)
-                         for e in settings.experiments)
+                         * data_factor(e.dataset, settings)[1] for e in settings.experiments)
             row["paper_columns_gpu_hours"] = round(eval_s / 3600, 2)
         if stacked:
             row["train_gpu_hours_stacked"] = round(train_s / 3600 / stacked[1], 2)

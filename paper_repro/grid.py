@@ -95,7 +95,8 @@ def plan(settings: config.Settings, only: Sequence[str] | None, force: bool) -> 
 
 
 def command(job: Job, params: Path) -> list[str]:
-    extra = ["--resume"] if job.stage == "train" else []
+    # the stage's own command (dvc.yaml): continue a run of the same settings, start over when they changed
+    extra = ["--resume", "--restart"] if job.stage == "train" else []
     return [sys.executable, "-m", "paper_repro", job.stage, "--params", str(params), "--experiment",
             job.experiment, "--quiet", *extra]
 

@@ -3,7 +3,9 @@ evaluate (before writing), verify (before judging) and the summary table, so tha
 checked in one place and a malformed file fails with one line naming the file and the key."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 from . import config, recipe
@@ -13,8 +15,26 @@ PAPER_COLUMNS = tuple(recipe.PAPER_COLUMNS.values())
 METHODS = ("BR", "BC", "none")
 
 
+class MetricsError(ValueError):
+    """A metrics file that breaks the schema or is not JSON: one line naming the file and the key."""
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """metrics/<run>.json, validated; MetricsError names the file (and the key) otherwise."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MetricsError(f"{path}: not valid JSON ({e}); rerun its evaluate stage") from None
+    try:
+        validate_metrics(doc)
+    except ValueError as e:
+        raise MetricsError(f"{path}: {e}") from None
+    return doc
+
+
 def _fail(key: str, message: str) -> None:
-    raise ValueError(f"metrics: {key} {message}")
+    raise MetricsError(f"metrics: {key} {message}")
 
 
 def _is_number(v: Any) -> bool:
@@ -123,6 +143,8 @@ def validate_metrics(m: Any) -> None:
             _fail(f"size.{key}", f"must be a number or null, got {size.get(key, 'missing')!r}")
     data = _require(m, "data", Mapping)
     _require(data, "official", bool, "data.")
+    if data.get("dataset", recipe.DEFAULT_DATASET) not in recipe.DATASETS:
+        _fail("data.dataset", f"must be one of {list(recipe.DATASETS)}, got {data.get('dataset')!r}")
     for key in ("archive_md5", "source", "n_train", "n_test"):
         if key not in data:
             _fail(f"data.{key}", "is missing")
@@ -130,3 +152,9 @@ def validate_metrics(m: Any) -> None:
     for key in ("epochs", "train_seed", "versions", "device", "wall_s"):
         if key not in prov:
             _fail(f"provenance.{key}", "is missing")
+
+
+def dataset_of(m: Mapping[str, Any]) -> str:
+    """The dataset a run was trained and evaluated on (data.dataset; documents written before it was recorded
+    are CIFAR-10, the only dataset then)."""
+    return str((m.get("data") or {}).get("dataset", recipe.DEFAULT_DATASET))

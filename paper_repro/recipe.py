@@ -33,3 +33,17 @@ PAPER_ATTACKS = ("natural", "fgsm", "ifgsm20", "cw_ref")  # the paper's columns,
 PAPER_COLUMNS = {"natural": "A1", "fgsm": "A2", "ifgsm20": "A3", "cw_ref": "A4"}
 ATTACK_LABELS = {"natural": "natural", "fgsm": "FGSM", "ifgsm20": "IFGSM20", "cw_ref": "C&W (ref.)"}
 EVAL_SEEDS = 5  # noise seeds of the paper profile (the paper reports single draws; we ask for 5)
+
+# --- datasets of the authors' grid (the paper: CIFAR-10; the EnResNet poster: CIFAR-100; the authors'
+# README: CIFAR-100 and SVHN) ----------------------------------------------------------------------
+DATASETS = ("cifar10", "cifar100", "svhn")
+DEFAULT_DATASET = "cifar10"
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+# Official split sizes (train, test); SVHN without `extra`, which the authors do not use.
+OFFICIAL_COUNTS = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "svhn": (73257, 26032)}
+DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"}
+
+# Training / test images of the recipe per dataset: the official training split minus the VAL_IMAGES
+# hold-out, and the whole official test split (TRAIN_IMAGES / TEST_IMAGES are CIFAR-10's).
+TRAIN_IMAGES_BY_DATASET = {d: n - VAL_IMAGES for d, (n, _) in OFFICIAL_COUNTS.items()}
+TEST_IMAGES_BY_DATASET = {d: n for d, (_, n) in OFFICIAL_COUNTS.items()}

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from . import atomic, config
 
 KERNEL = "python3"
+OUTPUTS = ("notebooks", "figures", "tables")  # what the notebooks write under --out (the stage's DVC outs)
+STAGING = ".report-staging"  # under --out: the notebooks run here; kept after a failure, for its notebook
+
+
+class ReportError(RuntimeError):
+    """A notebook failed: one line naming it and its error; the previous report is left as it was."""
 
 
 def declared_parameters(notebook: Path) -> set[str]:
@@ -41,22 +49,49 @@ def export_html(executed: Path) -> Path:
 
 def render(notebooks_dir: Path, out_dir: Path, base: dict[str, Any], per_notebook: dict[str, dict[str, Any]],
            only: list[str] | None = None, quiet: bool = False) -> list[Path]:
+    """Execute the notebooks into a staging folder; only when all succeed, move their outputs into ``out_dir``
+    (a full run also drops outputs no notebook wrote any more). A failure leaves ``out_dir`` untouched."""
     import papermill
     sources = sorted(notebooks_dir.glob("*.ipynb"))
     if only:
         sources = [s for s in sources if s.stem in only]
     if not sources:
         raise config.ConfigError(f"no notebooks found in {notebooks_dir}")
-    executed_dir = out_dir / "notebooks"
-    executed_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "notebooks").mkdir(parents=True)
+    staged = {**base, "out_dir": str(staging)}
     for source in sources:
-        params = notebook_parameters(source, base, per_notebook.get(source.stem, {}))
-        target = executed_dir / source.name
+        params = notebook_parameters(source, staged, per_notebook.get(source.stem, {}))
+        target = staging / "notebooks" / source.name
         print(f"report: executing {source.name}", flush=True)
-        papermill.execute_notebook(str(source), str(target), parameters=params, kernel_name=KERNEL,
-                                   progress_bar=not quiet, log_output=False)
-        written += [target, export_html(target)]
+        try:
+            papermill.execute_notebook(str(source), str(target), parameters=params, kernel_name=KERNEL,
+                                       progress_bar=not quiet, log_output=False)
+        except papermill.PapermillExecutionError as e:
+            raise ReportError(f"notebook {source.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}; "
+                              f"{out_dir} is unchanged; the failed notebook is {target}") from None
+        export_html(target)
+    return promote(staging, out_dir, full=not only)
+
+
+def promote(staging: Path, out_dir: Path, full: bool) -> list[Path]:
+    """Move every staged file to the same place under ``out_dir`` (one rename each) and remove the staging
+    folder; with ``full``, files of OUTPUTS that the run did not write are removed (stale figures, tables)."""
+    staged = sorted(p for p in staging.rglob("*") if p.is_file())
+    written = []
+    for path in staged:
+        target = out_dir / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        written.append(target)
+    if full:
+        fresh = set(written)
+        for sub in OUTPUTS:
+            for old in sorted((out_dir / sub).rglob("*")) if (out_dir / sub).is_dir() else []:
+                if old.is_file() and old not in fresh:
+                    old.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
     return written
 
 
@@ -92,6 +127,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"report: rebuilt from {args.bundle} into {args.out}")
         return 0
     settings = config.load(args.params, args.overrides)
+    if not any(Path(args.metrics).glob("*.json")):
+        raise config.ConfigError(f"{args.metrics}: no metrics to report on; run the evaluate stages first "
+                                 f"(dvc repro, or python -m paper_repro evaluate -e NAME)")
     base = {"metrics_dir": str(args.metrics), "runs_dir": str(args.runs),
             "data_meta": str(Path(settings.data.prepared) / "meta.json"), "out_dir": str(args.out),
             "profile": settings.profile, "verification_json": str(args.out / "verification.json")}

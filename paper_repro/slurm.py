@@ -200,8 +200,11 @@ class StageFailed(RuntimeError):
 
 
 def ignore_usr2() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Slurm signals every process of the job step; only submitit (the parent) should react to it."""
+    """Slurm signals every process of the job step; only submitit (the parent) should react to it. SIGINT
+    gets its default back: a parent started in the background by a shell ignores it, the child would inherit
+    that, and then the interrupt that stops training cleanly (stop()) would have no effect."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def slurm_job_id() -> str:

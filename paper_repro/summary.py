@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from . import atomic, recipe
-from .metrics_schema import validate_metrics
+from .metrics_schema import read_metrics
 
 PAPER_KEYS = recipe.PAPER_ATTACKS
 SUMMARY_BASE = ("run", "model", "quantizer", "method", "loss", "profile", "official")
@@ -45,14 +44,7 @@ def summarize(metrics_dir: str | Path = "metrics", out: str | Path | None = None
     metrics_dir = Path(metrics_dir)
     docs = []
     for path in sorted(metrics_dir.glob("*.json")):
-        doc = json.loads(path.read_text())
-        if not isinstance(doc, dict) or "schema_version" not in doc:
-            continue  # not a metrics document
-        try:
-            validate_metrics(doc)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-        docs.append(doc)
+        docs.append(read_metrics(path))  # every file there is a run's metrics: a malformed one stops here
     rows = [summary_row(m) for m in docs]
     attacks_seen = list(dict.fromkeys([*(k for k in PAPER_KEYS if any(k in m["accuracy"] for m in docs)),
                                        *(k for m in docs for k in m["accuracy"])]))

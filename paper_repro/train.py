@@ -8,6 +8,14 @@ the test set), only among phase-2 (fully quantized) epochs, and the saved model 
 Reproducibility: every random stream (data order, augmentation, attack start, model noise) is reseeded
 at the start of each epoch from (train.seed, epoch), so ``--resume`` from an epoch checkpoint repeats
 an uninterrupted run exactly on CPU.
+
+Crash safety (issue 17): one training at a time owns the run folder (runtime.RunLock); the folder is
+marked INCOMPLETE until train.json is written, and a fresh start removes the previous run's files
+first; every checkpoint is written as a weights/sidecar unit that ``checkpoint.recover`` completes or
+drops after a crash; no non-finite parameter or buffer is ever saved or selected; the DVCLive log is
+rebuilt from the saved history on every call, so it always matches the state on disk. The test-only
+hook ``runtime.fault`` (environment variable PAPER_REPRO_FAULT, points in FAULT_POINTS) kills the
+process at chosen points for tests/test_faults.py; unset, it does nothing.
 """
 from __future__ import annotations
 
@@ -25,11 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import atomic, checkpoint, config
-from .config import Experiment, Settings
+from .config import ConfigError, Experiment, Settings
 from .data import load_prepared, provenance, validation_split
 from .loader import DeviceLoader, pick_device
-from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunPaths, autocast, channels_last_for, device_name,
-                      positive_seconds, use_amp)
+from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, autocast, channels_last_for, device_name,
+                      fault, positive_seconds, use_amp)
 from .losses import Objective, objective_for
 from .models import build
 from .models.enresnet import derive_seed
@@ -47,13 +55,108 @@ class BudgetReached(RuntimeError):
     """--time-budget: stopped at an epoch boundary, state saved; the next call continues with --resume."""
 
 
+class SettingsChanged(ConfigError):
+    """--resume found a saved state trained with settings that change the trajectory (exit 2, one line)."""
+
+
+#: The points where ``runtime.fault`` can kill a training (PAPER_REPRO_FAULT=POINT:EPOCH, tests only):
+#: ``epoch-start``; for each checkpoint (``float``, ``deployed``: the selected model; ``state``: the resume
+#: state) ``-weights-tmp`` (weights in a temp file), ``-staged`` (pending weights written), ``-committed``
+#: (pending sidecar written), ``-weights`` (weights renamed into place, sidecar not yet); ``after-state``
+#: (state saved, DVCLive not yet), ``after-log``; ``summary`` (every epoch done, train.json not yet).
+FAULT_POINTS = ("epoch-start", *(f"{c}-{s}" for c in ("float", "deployed", "state")
+                                 for s in ("weights-tmp", "staged", "committed", "weights")),
+                "after-state", "after-log", "summary")
+
+#: train.* settings that do not change what is computed, only where and how fast: a resume across a
+#: change of them continues (and says so). ``amp`` enters the trajectory as its effective value (bf16
+#: autocast on or off for the device), ``epochs`` only for the one-cycle schedule (see ``trajectory``).
+EXECUTION_SETTINGS = ("device", "amp", "channels_last", "compile")
+
+
 # --------------------------------------------------------------------------- set-up
-def fingerprint(settings: Settings, experiment: Experiment, data_md5: str | None) -> str:
-    """What a resumed run must share with the run it continues."""
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(f"{prefix}.{k}", v))
+        return out
+    return {prefix: value}
+
+
+def trajectory(settings: Settings, experiment: Experiment, data_md5: str | None, amp: bool | None = None
+               ) -> dict[str, Any]:
+    """Every setting that changes the sequence of weights (or the selection), flattened to dotted keys:
+    what a resumed run must share with the run it continues. Left out: the execution settings (device,
+    channels_last, compile, and amp except through its effect), and train.epochs under the step schedule,
+    whose milestones are absolute epochs, so that a longer run repeats a shorter one epoch for epoch
+    (extending train.epochs continues a run). The one-cycle learning rate depends on train.epochs at
+    every step, so there it is part of the trajectory."""
+    train = config.to_dict(settings.train)
+    for key in EXECUTION_SETTINGS:
+        train.pop(key, None)
+    if settings.train.schedule != "onecycle":
+        train.pop("epochs", None)
+    if amp is None:  # the value on CPU, where only bf16 switches autocast on
+        amp = settings.train.amp == "bf16"
+    out = {**_flat("train", train), "train.amp (in effect)": bool(amp),
+           **_flat("experiment", config.to_dict(experiment)), "data.archive_md5": data_md5,
+           "data.val_size": settings.data.val_size, "data.split_seed": settings.data.split_seed}
+    return json.loads(json.dumps(out, sort_keys=True))  # as it reads back from a sidecar
+
+
+def fingerprint(settings: Settings, experiment: Experiment, data_md5: str | None, amp: bool | None = None) -> str:
+    """Hash of ``trajectory``: equal fingerprints, same training."""
+    blob = json.dumps(trajectory(settings, experiment, data_md5, amp), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def legacy_fingerprint(settings: Settings, experiment: Experiment, data_md5: str | None) -> str:
+    """The fingerprint of states saved before issue 17 (every train.* setting): such a state resumes
+    only under exactly its settings, as before."""
     blob = json.dumps({"train": config.to_dict(settings.train), "experiment": config.to_dict(experiment),
                        "data": data_md5, "val": [settings.data.val_size, settings.data.split_seed]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def execution(settings: Settings, device: torch.device) -> dict[str, Any]:
+    """The execution settings of this call (recorded in the state; compared, not required, on resume)."""
+    t = settings.train
+    return {"device": device.type, **{f"train.{k}": getattr(t, k) for k in EXECUTION_SETTINGS}}
+
+
+def resume_notes(saved: dict[str, Any], traj: dict[str, Any], legacy_fp: str, settings: Settings,
+                 exec_now: dict[str, Any], state: Path) -> tuple[list[str], list[str]]:
+    """(differences that change the trajectory, notes to print) between a saved state and this call."""
+    t = settings.train
+    done = int(saved.get("epochs_done", 0))
+    diffs: list[str] = []
+    if "trajectory" in saved:
+        old = saved["trajectory"]
+        for key in sorted(set(old) | set(traj)):
+            if old.get(key, "<unset>") != traj.get(key, "<unset>"):
+                diffs.append(f"{key}: {old.get(key, '<unset>')!r} -> {traj.get(key, '<unset>')!r}")
+        if t.schedule == "onecycle" and any(d.startswith("train.epochs:") for d in diffs):
+            diffs.append("(the one-cycle learning rate depends on train.epochs at every step, so the finished "
+                         "epochs followed another schedule)")
+    elif saved.get("fingerprint") != legacy_fp:
+        diffs.append("settings differ from those of a state saved by an earlier version (not itemised: it "
+                     "recorded only their hash)")
+    if not diffs and done > t.epochs:
+        diffs.append(f"train.epochs is {t.epochs} but {done} epochs are finished (raise train.epochs to >= {done})")
+    notes = []
+    before = saved.get("epochs")
+    if not diffs and before is not None and before != t.epochs:
+        notes.append(f"train.epochs {before} -> {t.epochs}: continuing after epoch {done}; the step schedule's "
+                     f"milestones {list(t.milestones)} are absolute epochs, so the finished epochs are exactly those "
+                     f"of a {t.epochs}-epoch run and the remaining ones follow that run's schedule")
+    old_exec = saved.get("execution") or {}
+    changed = [f"{k}: {old_exec[k]!r} -> {v!r}" for k, v in exec_now.items() if k in old_exec and old_exec[k] != v]
+    if not diffs and changed:
+        notes.append(f"execution settings differ from the saved state's ({'; '.join(changed)}): they do not change "
+                     f"the training trajectory (results may differ in floating-point rounding); continuing")
+    return diffs, notes
 
 
 def lr_at(epoch: float, settings: Settings) -> float:
@@ -85,8 +188,9 @@ def warn_no_phase2(settings: Settings, experiment: Experiment) -> str | None:
     return None
 
 
-def make_model(experiment: Experiment, seed: int, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    model = build(experiment.model, noise=experiment.noise, seed=seed).to(device)
+def make_model(experiment: Experiment, seed: int, device: torch.device, channels_last: bool,
+               num_classes: int = 10) -> torch.nn.Module:
+    model = build(experiment.model, num_classes, noise=experiment.noise, seed=seed).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -141,8 +245,7 @@ def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective
         if step % CHECK_FINITE_EVERY == 0 or step == len(loader):
             mean = loss_sum.item() / seen
             if not math.isfinite(mean):
-                raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, step {step}; the last good "
-                                       f"checkpoint (end of epoch {epoch}) is kept: lower train.lr or check the data")
+                raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, step {step}")
             bar.set_postfix(loss=f"{mean:.3f}", acc=f"{100 * correct.item() / seen:.1f}")
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum.item() / seen, "train_acc": 100 * correct.item() / seen,
@@ -181,19 +284,50 @@ def validate(model: torch.nn.Module, relax: BinaryRelax, x_val: torch.Tensor, y_
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_state(paths: RunPaths, model: torch.nn.Module, optimizer: torch.optim.Optimizer, relax: BinaryRelax,
-               record: dict[str, Any]) -> None:
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (one device sync)."""
+    names = [k for k, v in tensors.items() if v.is_floating_point()]
+    if not names:
+        return []
+    ok = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).cpu()
+    return [k for k, good in zip(names, ok.tolist()) if not good]
+
+
+def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Parameters, buffers (BatchNorm statistics) and momentum buffers: what the resume state holds."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             tensors[f"optimizer.{i}.momentum_buffer"] = buf
-    checkpoint.save(paths.state, tensors, {**record, "relax": relax.state_dict(), "kind": "resume-state"})
+    return tensors
+
+
+def _require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    bad = non_finite(tensors)
+    if bad:  # never reached after the check in train(); a last guard that nothing non-finite is written
+        raise TrainingDiverged(f"refusing to save {what}: non-finite {', '.join(bad[:3])}")
+
+
+def _steps(which: str, epoch: int | None) -> Any:
+    return None if epoch is None else (lambda step: fault(f"{which}-{step}", epoch))
+
+
+def save_state(paths: RunPaths, model: torch.nn.Module, optimizer: torch.optim.Optimizer, relax: BinaryRelax,
+               record: dict[str, Any], epoch: int | None = None) -> None:
+    tensors = state_tensors(model, optimizer)
+    _require_finite(tensors, f"the resume state {paths.state}")
+    checkpoint.save(paths.state, tensors, {**record, "relax": relax.state_dict(), "kind": "resume-state"},
+                    on_step=_steps("state", epoch))
 
 
 def load_state(paths: RunPaths, model: torch.nn.Module, optimizer: torch.optim.Optimizer, relax: BinaryRelax,
                device: torch.device) -> dict[str, Any]:
     tensors, record = checkpoint.load(paths.state, device=device)
+    bad = non_finite(tensors)
+    if bad:
+        raise ResumeError(f"the saved state {paths.state} holds non-finite values ({', '.join(bad[:3])}): it cannot be "
+                          f"continued; rerun with --restart to start again")
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         key = f"optimizer.{i}.momentum_buffer"
@@ -203,9 +337,61 @@ def load_state(paths: RunPaths, model: torch.nn.Module, optimizer: torch.optim.O
     return record
 
 
-def save_selected(paths: RunPaths, model: torch.nn.Module, relax: BinaryRelax, sidecar: dict[str, Any]) -> None:
-    checkpoint.save(paths.float_weights, model.state_dict(), {**sidecar, "kind": "float"})
-    checkpoint.save(paths.deployed, relax.deployed_tensors(), {**sidecar, "kind": "deployed"})
+def save_selected(paths: RunPaths, model: torch.nn.Module, relax: BinaryRelax, sidecar: dict[str, Any],
+                  epoch: int | None = None) -> None:
+    weights, deployed = model.state_dict(), relax.deployed_tensors()
+    _require_finite({**weights, **{f"deployed.{k}": v for k, v in deployed.items()}}, "the selected model")
+    checkpoint.save(paths.float_weights, weights, {**sidecar, "kind": "float"}, on_step=_steps("float", epoch))
+    checkpoint.save(paths.deployed, deployed, {**sidecar, "kind": "deployed"}, on_step=_steps("deployed", epoch))
+
+
+class ResumeError(ConfigError):
+    """--resume cannot continue the saved state (unreadable or non-finite); --restart starts again."""
+
+
+# --------------------------------------------------------------------------- the run folder
+def recover_folder(paths: RunPaths) -> list[str]:
+    """After a crash: finish or drop interrupted checkpoint saves, delete temp files of interrupted
+    writes. Called with the run lock held."""
+    notes = [n for ck in (paths.state, paths.float_weights, paths.deployed) if ck.parent.is_dir()
+             for n in [checkpoint.recover(ck)] if n]
+    removed = atomic.remove_temporaries(paths.root)
+    if removed:
+        notes.append(f"removed {len(removed)} temporary file(s) of interrupted writes: "
+                     f"{', '.join(str(r) for r in removed[:3])}{'...' if len(removed) > 3 else ''}")
+    return notes
+
+
+def start_fresh(paths: RunPaths, name: str) -> None:
+    """Mark the folder incomplete, then remove the previous run's files (state, selected models,
+    train.json): from here on it holds this run's files only."""
+    mark_incomplete(paths, name)
+    for out in paths.outputs():
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink(missing_ok=True)
+    for leftover in paths.root.glob(".*.pending"):
+        leftover.unlink(missing_ok=True)
+
+
+def mark_incomplete(paths: RunPaths, name: str) -> None:
+    if not paths.incomplete.is_file():
+        atomic.write_text(paths.incomplete, f"{paths.root} does not hold a finished training of {name} (in progress, "
+                                            f"stopped or diverged): continue it with `python -m paper_repro train -e "
+                                            f"{name} --resume`; evaluate refuses this folder until then\n")
+
+
+def last_good(paths: RunPaths, record: dict[str, Any]) -> str:
+    """What a diverged run keeps on disk (what the state file really holds)."""
+    done = record["epochs_done"]
+    if done == 0:
+        return ("no epoch finished with finite weights, so nothing is saved; lower train.lr or check the data, "
+                "then train again")
+    best = record.get("best")
+    selected = f"; the selected model ({paths.deployed}) is epoch {best['epoch']}" if best else ""
+    return (f"the last good state is the end of epoch {done} ({paths.state}, all finite){selected}; lower train.lr "
+            f"or check the data, then rerun with --resume --restart")
 
 
 def run_sidecar(settings: Settings, experiment: Experiment, model: torch.nn.Module, relax: BinaryRelax,
@@ -223,19 +409,24 @@ def run_sidecar(settings: Settings, experiment: Experiment, model: torch.nn.Modu
 
 
 # --------------------------------------------------------------------------- the run
-def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: bool = False,
+def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: bool = False, restart: bool = False,
           quiet: bool = False, live_dir: Path | None = None, time_budget: float | None = None) -> dict[str, Any]:
     """Train ``experiment`` into ``run_dir``; per-epoch DVCLive metrics go to ``live_dir``
     (default ``dvclive/<name>``, beside runs/ so DVC can declare them as metrics and plots).
     ``time_budget`` (seconds from this call): raise BudgetReached at the first epoch boundary where the
-    next epoch would not fit (see runtime.EpochBudget); None: no limit (the run is unchanged)."""
+    next epoch would not fit (see runtime.EpochBudget); None: no limit (the run is unchanged).
+
+    ``resume``: continue the saved state if its ``trajectory`` equals this call's; if it differs, raise
+    SettingsChanged naming the differences, unless ``restart`` (then discard the state and start
+    again). Without ``resume`` the run starts from scratch (discarding what the folder held, and saying
+    so). Raises runtime.RunLocked while another process trains the same folder."""
     budget = EpochBudget(time_budget) if time_budget is not None else None
     paths = RunPaths(Path(run_dir))
     live_dir = Path(live_dir) if live_dir is not None else Path("dvclive") / experiment.name
     t = settings.train
     device = pick_device(t.device)
     torch.manual_seed(t.seed)
-    data = load_prepared(settings.data.prepared)
+    data = load_prepared(settings.data.prepared, experiment.dataset)
     train_idx, val_idx = validation_split(len(data.y_train), settings.data.val_size, settings.data.split_seed)
     if t.val_examples is not None:
         val_idx = val_idx[:t.val_examples]
@@ -245,7 +436,7 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
     x_val = torch.as_tensor(data.x_train[val_idx]).to(device)
     y_val = torch.as_tensor(data.y_train[val_idx]).to(device)
 
-    model = make_model(experiment, t.seed, device, channels_last)
+    model = make_model(experiment, t.seed, device, channels_last, data.num_classes)
     relax = make_relax(model, experiment, settings)
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                 nesterov=t.nesterov)
@@ -258,42 +449,119 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
         print(no_phase2, flush=True)
     select_on = selection_metric(experiment)
 
-    fp = fingerprint(settings, experiment, data.meta.get("archive_md5"))
-    record: dict[str, Any] = {"fingerprint": fp, "epochs_done": 0, "history": [], "best": None, "wall_s": 0.0}
-    if resume and paths.state.is_file():
-        previous = checkpoint.read_sidecar(paths.state)
-        if previous.get("fingerprint") == fp:
-            record = load_state(paths, model, optimizer, relax, device)
-            print(f"resuming {experiment.name} after epoch {record['epochs_done']}")
+    md5 = data.meta.get("archive_md5")
+    traj = trajectory(settings, experiment, md5, amp)
+    fp = fingerprint(settings, experiment, md5, amp)
+    exec_now = execution(settings, device)
+    lock = RunLock(paths.lock).acquire()
+    try:
+        if lock.took_over:
+            print(lock.took_over, flush=True)
+        for note in recover_folder(paths):
+            print(note, flush=True)
+        record = resumed_record(paths, experiment, settings, traj, exec_now, model, optimizer, relax, device,
+                                resume=resume, restart=restart)
+        if record is None:
+            record = {"epochs_done": 0, "history": [], "best": None, "wall_s": 0.0}
+            start_fresh(paths, experiment.name)
         else:
-            print(f"settings changed since the saved state of {experiment.name}: starting from scratch")
-    if record["epochs_done"] == 0:
-        for stale in (paths.state.parent, live_dir):
-            shutil.rmtree(stale, ignore_errors=True)
-    split = {"train_images": len(train_idx), "val_images": len(val_idx), "val_size": settings.data.val_size,
-             "split_seed": settings.data.split_seed}
-    sidecar = run_sidecar(settings, experiment, model, relax, data.meta, device, split)
+            mark_incomplete(paths, experiment.name)
+        record.update(fingerprint=fp, trajectory=traj, epochs=t.epochs, execution=exec_now)
+        if (record.get("best") or {}).get("fallback"):  # an extended run may now reach phase 2
+            record["best"] = None
+        return run_epochs(settings, experiment, paths, live_dir, record, model, relax, objective, optimizer, loader,
+                          x_val, y_val, amp, quiet, budget, data.meta, device, select_on,
+                          {"train_images": len(train_idx), "val_images": len(val_idx),
+                           "val_size": settings.data.val_size, "split_seed": settings.data.split_seed})
+    finally:
+        lock.release()
+
+
+def resumed_record(paths: RunPaths, experiment: Experiment, settings: Settings, traj: dict[str, Any],
+                   exec_now: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   relax: BinaryRelax, device: torch.device, *, resume: bool, restart: bool) -> dict[str, Any] | None:
+    """The saved record, loaded into model/optimizer/relax, when this call continues it; None: start
+    from scratch. Never discards finished epochs under --resume without --restart."""
+    side = checkpoint.sidecar_path(paths.state)
+    if not (paths.state.is_file() or side.is_file()):
+        return None
+    try:
+        saved = checkpoint.read_sidecar(paths.state)
+        done = int(saved.get("epochs_done", 0))
+    except checkpoint.CheckpointError as err:
+        saved, done = None, None
+        problem = str(err)
+    if not resume:
+        if done:
+            print(f"starting {experiment.name} from scratch: discarding the {done} finished epoch(s) in {paths.state} "
+                  f"(train --resume continues them)", flush=True)
+        return None
+    if saved is not None:
+        diffs, notes = resume_notes(saved, traj, legacy_fingerprint(settings, experiment, traj["data.archive_md5"]),
+                                    settings, exec_now, paths.state)
+        if diffs:
+            what = "; ".join(diffs)
+            if not restart:
+                raise SettingsChanged(f"{experiment.name}: the saved state ({done} finished epoch(s), {paths.state}) was "
+                                      f"trained with settings that change the training: {what}; restore them to "
+                                      f"continue, or rerun with --resume --restart to discard those epochs and start again")
+            print(f"--restart: {experiment.name}: settings differ from the saved state's ({what}): discarding its {done} "
+                  f"finished epoch(s) and starting again", flush=True)
+            return None
+        try:
+            record = load_state(paths, model, optimizer, relax, device)
+        except (checkpoint.CheckpointError, ResumeError) as err:
+            problem = str(err).split("; rerun with")[0]
+        else:
+            for note in notes:
+                print(f"note: {note}", flush=True)
+            print(f"resuming {experiment.name} after epoch {record['epochs_done']}", flush=True)
+            return record
+    if not restart:
+        raise ResumeError(f"cannot resume {experiment.name}: {problem}; rerun with --resume --restart to discard the "
+                          f"saved state and start again")
+    print(f"--restart: the saved state of {experiment.name} cannot be read ({problem}): starting again", flush=True)
+    return None
+
+
+def run_epochs(settings: Settings, experiment: Experiment, paths: RunPaths, live_dir: Path, record: dict[str, Any],
+               model: torch.nn.Module, relax: BinaryRelax, objective: Objective, optimizer: torch.optim.Optimizer,
+               loader: DeviceLoader, x_val: torch.Tensor, y_val: torch.Tensor, amp: bool, quiet: bool,
+               budget: EpochBudget | None, data_meta: dict[str, Any], device: torch.device, select_on: str,
+               split: dict[str, int]) -> dict[str, Any]:
+    """The epochs still to do, then train.json; called with the run lock held."""
+    t = settings.train
+    sidecar = run_sidecar(settings, experiment, model, relax, data_meta, device, split)
     if budget is not None and record["epochs_done"]:
         budget.prior = record["wall_s"] / record["epochs_done"]
     stopped = None
 
     from dvclive import Live
-    live_exists = (live_dir / "metrics.json").is_file()
-    with Live(dir=str(live_dir), resume=record["epochs_done"] > 0 and live_exists, save_dvc_exp=False,
-              dvcyaml=None) as live:
-        if record["epochs_done"] == 0 or not live_exists:
-            live.log_params({"run": experiment.name, "model": experiment.model, "quantizer": experiment.quantizer,
-                             "method": sidecar["method"], "loss": experiment.loss, "profile": settings.profile})
-            for stats in record["history"]:  # a resumed run whose log went missing: replay it
-                log_epoch(live, stats)
+    # The log is derived from the saved history: rebuilt on every call, so its steps continue after a
+    # resume, it never holds an epoch the state does not (a kill between the two) and no partial file
+    # of a killed call survives.
+    shutil.rmtree(live_dir, ignore_errors=True)
+    with Live(dir=str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None) as live:
+        live.log_params({"run": experiment.name, "model": experiment.model, "quantizer": experiment.quantizer,
+                         "method": sidecar["method"], "loss": experiment.loss, "profile": settings.profile})
+        for stats in record["history"]:
+            log_epoch(live, stats)
         for epoch in range(record["epochs_done"], t.epochs):
             if budget is not None and not budget.next_epoch_fits():
                 stopped = budget.stop_message(experiment.name, epoch, t.epochs, paths.state)
                 break
+            fault("epoch-start", epoch + 1)
             start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch, settings)
-            stats = train_epoch(model, relax, objective, loader, optimizer, epoch, t.seed, amp, quiet, settings)
+            try:
+                stats = train_epoch(model, relax, objective, loader, optimizer, epoch, t.seed, amp, quiet, settings)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"{e}; {last_good(paths, record)}") from None
+            bad = non_finite(state_tensors(model, optimizer))
+            if bad:
+                raise TrainingDiverged(f"non-finite {', '.join(bad[:3])}{'...' if len(bad) > 3 else ''} after epoch "
+                                       f"{epoch + 1} (the loss stayed finite); {last_good(paths, record)}")
             stats.update(validate(model, relax, x_val, y_val, settings, amp))
             stats.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], eta=relax.eta, phase=relax.phase(epoch))
             selectable = relax.selectable(epoch)
@@ -305,9 +573,11 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
             if improved:
                 record["best"] = {**{k: stats[k] for k in ("epoch", "val_pgd_acc", "val_natural_acc", "phase")},
                                   "metric": select_on}
-                save_selected(paths, model, relax, {**sidecar, "selected": record["best"]})
-            save_state(paths, model, optimizer, relax, record)
+                save_selected(paths, model, relax, {**sidecar, "selected": record["best"]}, epoch + 1)
+            save_state(paths, model, optimizer, relax, record, epoch + 1)
+            fault("after-state", epoch + 1)
             log_epoch(live, stats)
+            fault("after-log", epoch + 1)
             print(f"{experiment.name} epoch {epoch + 1}/{t.epochs} phase {stats['phase']} lr {stats['lr']:.4g} "
                   f"loss {stats['train_loss']:.3f} train {stats['train_acc']:.1f}% val nat "
                   f"{stats['val_natural_acc']:.1f}% pgd {stats['val_pgd_acc']:.1f}% "
@@ -322,12 +592,14 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
         record["best"] = {**{k: record["history"][-1][k] for k in ("epoch", "val_pgd_acc", "val_natural_acc",
                                                                  "phase")}, "metric": select_on,
                           "fallback": "last epoch: no phase-2 epoch"}
-        save_selected(paths, model, relax, {**sidecar, "selected": record["best"]})
+        save_selected(paths, model, relax, {**sidecar, "selected": record["best"]}, record["epochs_done"])
+    fault("summary", record["epochs_done"])
     phase2 = sum(1 for h in record["history"] if h["phase"] == 2)
     summary = {**sidecar, "selected": record["best"], "epochs": t.epochs, "history": record["history"],
                "phase2_epochs": phase2, "trained_quantized": (not experiment.quantized) or phase2 > 0,
-               "wall_s": record["wall_s"], "versions": checkpoint.versions(), "fingerprint": fp}
+               "wall_s": record["wall_s"], "versions": checkpoint.versions(), "fingerprint": record["fingerprint"]}
     atomic.write_json(paths.summary, summary, indent=2, sort_keys=True)
+    paths.incomplete.unlink(missing_ok=True)  # the folder now holds one finished run
     return summary
 
 
@@ -344,7 +616,14 @@ def log_epoch(live: Any, stats: dict[str, Any]) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", "-e", required=True, help="name of an entry of params.yaml's experiments")
     p.add_argument("--run-dir", type=Path, help="output folder (default: runs/<experiment>)")
-    p.add_argument("--resume", action="store_true", help="continue from runs/<experiment>/state if compatible")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from runs/<experiment>/state; if settings that change the training differ from the "
+                        "saved state's, stop (exit 2) naming them. Device, amp on CPU, channels_last and compile may "
+                        "differ; train.epochs may grow (step schedule: milestones are absolute epochs)")
+    p.add_argument("--restart", action="store_true",
+                   help="with --resume: when the saved state cannot be continued (settings that change the training "
+                        "differ, unreadable or non-finite state), discard it and start again instead of stopping "
+                        "(without --resume a training always starts from scratch)")
     p.add_argument("--live-dir", type=Path, help="DVCLive folder (default: dvclive/<experiment>)")
     p.add_argument("--time-budget", type=positive_seconds, metavar="SECONDS",
                    help=f"stop at the first epoch boundary where the next epoch would end after SECONDS (estimated "
@@ -356,8 +635,8 @@ def main(args: argparse.Namespace) -> int:
     experiment = settings.experiment(args.experiment)
     run_dir = args.run_dir or Path("runs") / experiment.name
     try:
-        summary = train(settings, experiment, run_dir, resume=args.resume, quiet=args.quiet, live_dir=args.live_dir,
-                        time_budget=args.time_budget)
+        summary = train(settings, experiment, run_dir, resume=args.resume, restart=args.restart, quiet=args.quiet,
+                        live_dir=args.live_dir, time_budget=args.time_budget)
     except BudgetReached as e:
         print(e, flush=True)
         return EXIT_BUDGET_REACHED

@@ -143,3 +143,46 @@ def test_no_pickle_in_the_module():
     source = Path(ckpt.__file__).read_text()
     for forbidden in ("torch.load(", "import pickle", "pickle.load", "weights_only=False"):
         assert forbidden not in source
+
+
+class Killed(Exception):
+    """Stands in for a hard kill at a step of checkpoint.save."""
+
+
+def save_killed_at(path: Path, tensors, sidecar, at: str) -> None:
+    def step(name: str) -> None:
+        if name == at:
+            raise Killed(name)
+    with pytest.raises(Killed):
+        ckpt.save(path, tensors, sidecar, on_step=step)
+
+
+@pytest.mark.parametrize("at, survives", [("weights-tmp", "old"), ("staged", "old"), ("committed", "new"),
+                                          ("weights", "new")])
+def test_interrupted_save_is_recovered_as_one_unit(tmp_path: Path, at, survives):
+    """Issue 17.2: a crash at any step of a save leaves either the old or the new pair once recovered,
+    never weights of one save with the sidecar of another; the reader names an interrupted save."""
+    path = tmp_path / "state" / "last.safetensors"
+    ckpt.save(path, {"w": torch.zeros(3)}, {"v": "old"})
+    save_killed_at(path, {"w": torch.ones(3)}, {"v": "new"}, at)
+    if at == "weights":  # new weights in place, old sidecar: the case that used to be unrecoverable
+        with pytest.raises(CheckpointError, match="a save of it was interrupted"):
+            ckpt.load(path)
+    note = ckpt.recover(path)
+    if at == "weights-tmp":  # an exception (not a kill) already removed the temp file: nothing staged
+        assert note is None
+    else:
+        assert note and ("completed" if survives == "new" else "discarded") in note
+    tensors, side = ckpt.load(path)
+    assert side["v"] == survives and torch.equal(tensors["w"], torch.ones(3) if survives == "new" else torch.zeros(3))
+    assert ckpt.recover(path) is None
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.json", "last.safetensors"]
+
+
+def test_first_save_interrupted_after_the_weights_is_explained(tmp_path: Path):
+    path = tmp_path / "m.safetensors"
+    save_killed_at(path, {"w": torch.ones(2)}, {"v": 1}, "weights")
+    with pytest.raises(CheckpointError, match="sidecar missing.*interrupted"):
+        ckpt.load(path)
+    ckpt.recover(path)
+    assert ckpt.load(path)[1]["v"] == 1

@@ -39,8 +39,9 @@ def test_packaged_registry_is_valid_and_complete():
     pending = [c for c in reg.numeric if c.pending]
     assert pending and all(c.source == "paper" for c in pending)
     assert all(c.tolerance > 0 for c in reg.numeric)
-    # what we do not produce maps to null; CIFAR-100 / SVHN never map to a run
-    assert all(c.maps_to is None for c in reg.numeric if c.dataset != "cifar10")
+    # every number maps to a run on its own dataset (issue 16: CIFAR-100 / SVHN runs exist now)
+    assert all(c.maps_to is not None and c.maps_to.select.get("dataset", "cifar10") == c.dataset
+               for c in reg.numeric if c.dataset != "cifar10")
 
 
 def test_main_validates_the_file(capsys):

@@ -105,6 +105,32 @@ def test_examples_file_holds_per_seed_correctness(tiny):
             arr = z[m["examples"]["arrays"][key]]
             assert arr.dtype == bool and arr.shape == (len(entry["seeds"]), entry["n"])
             assert arr.sum(axis=1).tolist() == entry["correct"]
+    # the pair (issue 17, item 9): the metrics name the md5 of the examples file they describe
+    import hashlib
+    blob = (tiny["root"] / "metrics" / "q.examples.npz").read_bytes()
+    assert m["examples"]["md5"] == hashlib.md5(blob).hexdigest()
+
+
+def test_metrics_and_examples_are_written_as_a_pair(tmp_path, monkeypatch):
+    """A failure while writing the metrics leaves no metrics that describe other examples."""
+    from paper_repro import atomic, evaluate
+    metrics_file, examples_file = tmp_path / "r.json", tmp_path / "r.examples.npz"
+    metrics_file.write_text('{"old": true}')
+    examples_file.write_bytes(b"old examples")
+    with pytest.raises(ValueError):  # not serialisable: nothing is written
+        evaluate.write_pair(examples_file, b"new", metrics_file, {"bad": float("nan")})
+    assert metrics_file.read_text() == '{"old": true}' and examples_file.read_bytes() == b"old examples"
+    real = atomic.write_text
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(atomic, "write_text", disk_full)
+    with pytest.raises(OSError):
+        evaluate.write_pair(examples_file, b"new", metrics_file, {"n": 1})
+    assert not metrics_file.exists() and examples_file.read_bytes() == b"new"
+    monkeypatch.setattr(atomic, "write_text", real)
+    evaluate.write_pair(examples_file, b"new", metrics_file, {"n": 1})
+    assert json.loads(metrics_file.read_text()) == {"n": 1}
 
 
 def test_attack_ordering_natural_fgsm_pgd(tiny):

@@ -95,7 +95,8 @@ def test_cuda_tests_are_found_and_counted(tmp_path):
 
 
 def test_estimate_scales_measured_epochs_to_the_grid():
-    """One noisy and one plain ResNet20 epoch of 100 s on the full 45k images: the gpu profile's 31 runs."""
+    """One noisy and one plain ResNet20 epoch of 100 s on the full 45k images: the gpu profile's 31 runs and
+    the paper profile's 40."""
     parts = {"train": {"result": {"train_images": 45000, "experiments": {
         "resnet20-fp-pgd_at": {"epoch_wall_s": 100.0}, "en1resnet20-fp-pgd_at": {"epoch_wall_s": 100.0}}}},
         "columns": {"result": {"images": 10000, "total_s": 60.0}}}
@@ -105,9 +106,23 @@ def test_estimate_scales_measured_epochs_to_the_grid():
     # 17 pgd_at member-units, 7 natural runs at 1/11, 16 tradeoff units (En1ResNet56 counts 3) at 12/11
     units = 17 + 7 / 11 + 16 * 12 / 11
     assert gpu["train_gpu_hours"] == pytest.approx(40 * 100 * units / 3600, abs=0.01)
-    assert est["profiles"]["paper"]["train_gpu_hours"] == pytest.approx(5 * gpu["train_gpu_hours"], abs=0.05)
-    # paper columns: 60 s per model and seed, 5 seeds, model factors summing to 40 (27 x 1, En2, En5, 2 x ResNet56)
+    # the paper profile: the same 31 runs at 200 epochs (5 x), plus the authors' wider grid (issue 16), priced by
+    # counted MACs relative to ResNet20 (WRN-34-10 member W, VGG-11 V) and SVHN's 68,257 training images:
+    # c100 ResNet20 + En2 + En5 (pgd_at: 1 + 2 + 5), En5WRN34-10 (5 W), En1ResNet110 and En2ResNet56 on CIFAR-100
+    # and En2ResNet56 on SVHN with the trade-off loss (6 each, at 12/11; SVHN x 68,257/45,000), 2 VGG-11 natural
+    from paper_repro.models import build, count_macs
+    r20 = count_macs(build("resnet20"))
+    w, v = round(count_macs(build("wrn34-10")) / r20, 2), round(count_macs(build("vgg11")) / r20, 2)
+    svhn = 68257 / 45000
+    extra = 1 + 2 + 5 + 5 * w + (6 + 6 + 6 * svhn) * 12 / 11 + 2 * v / 11
+    paper = est["profiles"]["paper"]
+    assert paper["runs"] == 40
+    assert paper["train_gpu_hours"] == pytest.approx(5 * gpu["train_gpu_hours"] + 200 * 100 * extra / 3600, abs=0.05)
+    # paper columns: 60 s per model and seed, 5 seeds, model factors summing to 40 (27 x 1, En2, En5, 2 x ResNet56);
+    # the paper profile adds the wider grid's factors, SVHN's 26,032 test images counting 2.6032 x
     assert gpu["paper_columns_gpu_hours"] == pytest.approx(60 * 5 * 40 / 3600, abs=0.01)
+    wider = 1 + 2 + 5 + 5 * w + 6 + 6 + 6 * 2.6032 + 2 * v
+    assert paper["paper_columns_gpu_hours"] == pytest.approx(60 * 5 * (40 + wider) / 3600, abs=0.01)
     assert grid_estimate({}, dry=False) is None
     assert "Paper-grid estimate" in markdown({"parts": {}, "created": "now", "dry": False, "command": "c",
                                               "params": "p", "budget_s": 1, "wall_s": 1, "ok": False,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from paper_repro.models import build, names
-from paper_repro.models.enresnet import parse_name
+from paper_repro.models.enresnet import parse_arch, parse_name
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -202,12 +202,13 @@ def test_names_parse_generally():
     assert parse_name("en1resnet110") == (1, 110, True)
     assert parse_name("en3resnet14") == (3, 14, True)
     for name in names():
-        parse_name(name)
+        parse_arch(name)  # parse_name: the ResNet family only
+    assert parse_arch("en5wrn34-10").family == "wrn" and parse_arch("vgg11").family == "vgg"
     assert {"resnet20", "en1resnet20", "en2resnet20", "en5resnet20", "en1resnet56", "en2resnet56",
             "en1resnet110"} <= set(names())
 
 
-@pytest.mark.parametrize("bad", ["resnet21", "resnet2", "en0resnet20", "en2resnet", "vgg11", "EnResNet20",
+@pytest.mark.parametrize("bad", ["resnet21", "resnet2", "en0resnet20", "en2resnet", "vgg12", "EnResNet20",
                                  "en2resnet20x", "resnet-20", ""])
 def test_invalid_names_raise_with_the_valid_patterns(bad):
     with pytest.raises(ValueError, match="valid patterns"):

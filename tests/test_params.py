@@ -36,9 +36,13 @@ def test_profile_lists_every_setting(profile):
 
 
 def test_gpu_profile_is_the_paper_grid_on_full_data_with_the_paper_attack():
-    """The gpu profile (issue 14) shortens the schedule only: same experiments, data, attack; fp32 evaluation."""
+    """The gpu profile (issue 14) shortens the schedule only: same experiments, data, attack; fp32 evaluation.
+    Its experiments are the paper's own grid, the CIFAR-10 ResNets: the authors' wider grid (issue 16: CIFAR-100,
+    SVHN, En5WRN34-10, VGG-11) stays paper-profile only, since En5WRN34-10 alone costs about 800 ResNet20 runs,
+    far beyond the gpu profile's stated budget."""
     paper, gpu = config.load(ROOT / "params.yaml"), config.load(ROOT / "profiles" / "gpu" / "params.yaml")
-    assert gpu.experiments == paper.experiments
+    own_grid = [e for e in paper.experiments if e.dataset in (None, "cifar10") and "resnet" in e.model]
+    assert gpu.experiments == own_grid and len(own_grid) < len(paper.experiments)
     assert (gpu.data.train_limit, gpu.data.test_limit, gpu.data.val_size) == (None, None, 5000)
     assert gpu.train.pgd == paper.train.pgd and gpu.train.pgd.steps == 10
     assert gpu.evaluate.amp == "off" and gpu.evaluate.attacks == paper.evaluate.attacks

@@ -24,10 +24,23 @@ EXPERIMENTS = [
 ]
 
 
+SMALL = "resnet8-fp-natural"  # the cheapest run, for tests of the run folder rather than of the training
+
+
 def settings_for(prepared_dir, **train_overrides) -> config.Settings:
     return config.from_dict({"profile": "test", "data": {"prepared": str(prepared_dir), "expect_counts": None,
                                                          "val_size": 30},
-                             "train": {**TINY_TRAIN, **train_overrides}, "experiments": EXPERIMENTS})
+                             "train": {**TINY_TRAIN, **train_overrides},
+                             "experiments": [*EXPERIMENTS, {"name": SMALL, "model": "resnet8", "loss": "natural"}]})
+
+
+def assert_same_checkpoints(run_a, run_b, which=("state", "deployed", "float_weights")) -> None:
+    for attr in which:
+        a, _ = checkpoint.load(getattr(train_mod.RunPaths(run_a), attr))
+        b, _ = checkpoint.load(getattr(train_mod.RunPaths(run_b), attr))
+        assert sorted(a) == sorted(b), attr
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f"{attr}: {len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
 @pytest.mark.parametrize("name", [e["name"] for e in EXPERIMENTS])
@@ -82,13 +95,58 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, prepared_dir
         assert all(torch.equal(a[k], b[k]) for k in a), which
 
 
-def test_resume_with_changed_settings_starts_again(tmp_path, prepared_dir, capsys):
+def test_resume_with_changed_settings_stops_unless_restart(tmp_path, prepared_dir, capsys):
+    """Issue 17.1: a setting that changes the training stops --resume (progress kept, differences named);
+    --restart discards the state and starts again, saying why."""
     settings = settings_for(prepared_dir, epochs=1, milestones=[], relax={"hard_epoch": 0})
-    exp = settings.experiment("resnet20-fp-natural")
+    exp = settings.experiment(SMALL)
     train_mod.train(settings, exp, tmp_path / "run", quiet=True, live_dir=tmp_path / "l")
+    state = train_mod.RunPaths(tmp_path / "run").state
+    before = state.read_bytes()
     changed = settings_for(prepared_dir, epochs=1, milestones=[], relax={"hard_epoch": 0}, lr=0.05)
-    train_mod.train(changed, exp, tmp_path / "run", resume=True, quiet=True, live_dir=tmp_path / "l")
-    assert "starting from scratch" in capsys.readouterr().out
+    with pytest.raises(train_mod.SettingsChanged, match=r"train\.lr: 0\.1 -> 0\.05.*--restart"):
+        train_mod.train(changed, exp, tmp_path / "run", resume=True, quiet=True, live_dir=tmp_path / "l")
+    assert state.read_bytes() == before and train_mod.RunPaths(tmp_path / "run").summary.is_file()
+    capsys.readouterr()
+    summary = train_mod.train(changed, exp, tmp_path / "run", resume=True, restart=True, quiet=True,
+                              live_dir=tmp_path / "l")
+    out = capsys.readouterr().out
+    assert "train.lr: 0.1 -> 0.05" in out and "discarding its 1 finished epoch" in out
+    assert summary["train"]["lr"] == 0.05 and len(summary["history"]) == 1
+
+
+def test_resume_ignores_execution_settings_and_extends_epochs(tmp_path, prepared_dir, capsys):
+    """Issue 17.1: device, amp (not in effect on CPU), channels_last and compile do not stop a resume, and a
+    step-schedule run extended from 1 to 2 epochs equals a 2-epoch run trained straight."""
+    base = dict(milestones=[1], relax={"hard_epoch": 0})
+    straight = settings_for(prepared_dir, epochs=2, **base)
+    train_mod.train(straight, straight.experiment(SMALL), tmp_path / "straight", quiet=True, live_dir=tmp_path / "l1")
+    short = settings_for(prepared_dir, epochs=1, device="auto", amp="auto", **base)
+    train_mod.train(short, short.experiment(SMALL), tmp_path / "run", quiet=True, live_dir=tmp_path / "l2")
+    capsys.readouterr()
+    longer = settings_for(prepared_dir, epochs=2, device="cpu", amp="off", compile=True, **base)
+    train_mod.train(longer, longer.experiment(SMALL), tmp_path / "run", resume=True, quiet=True,
+                    live_dir=tmp_path / "l2")
+    out = capsys.readouterr().out
+    assert f"resuming {SMALL} after epoch 1" in out
+    assert "train.epochs 1 -> 2" in out and "milestones [1] are absolute epochs" in out
+    assert "execution settings differ" in out and "train.amp: 'auto' -> 'off'" in out
+    assert_same_checkpoints(tmp_path / "straight", tmp_path / "run")
+    # channels_last changes only the memory layout (floating-point rounding), never the trajectory
+    layout = settings_for(prepared_dir, epochs=2, channels_last=False, **base)
+    train_mod.train(layout, layout.experiment(SMALL), tmp_path / "run", resume=True, quiet=True,
+                    live_dir=tmp_path / "l2")
+    assert "train.channels_last: True -> False" in capsys.readouterr().out
+
+
+def test_extending_a_one_cycle_run_is_refused(tmp_path, prepared_dir):
+    """Issue 17.1: the one-cycle learning rate depends on train.epochs, so more epochs is another run."""
+    settings = settings_for(prepared_dir, epochs=1, schedule="onecycle", milestones=[], relax={"hard_epoch": 0})
+    exp = settings.experiment(SMALL)
+    train_mod.train(settings, exp, tmp_path / "run", quiet=True, live_dir=tmp_path / "l")
+    longer = settings_for(prepared_dir, epochs=2, schedule="onecycle", milestones=[], relax={"hard_epoch": 0})
+    with pytest.raises(train_mod.SettingsChanged, match=r"train\.epochs: 1 -> 2.*one-cycle.*--restart"):
+        train_mod.train(longer, exp, tmp_path / "run", resume=True, quiet=True, live_dir=tmp_path / "l")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, prepared_dir, monkeypatch):
@@ -103,10 +161,45 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, prepared
         return (value * float("nan"), logits) if calls["n"] > 3 else (value, logits)  # epoch 1 has 3 batches
 
     monkeypatch.setattr(train_mod.Objective, "loss", poisoned)
-    with pytest.raises(train_mod.TrainingDiverged, match="non-finite loss at epoch 2"):
+    with pytest.raises(train_mod.TrainingDiverged, match="non-finite loss at epoch 2.*end of epoch 1"):
         train_mod.train(settings, exp, tmp_path / "run", quiet=True, live_dir=tmp_path / "l")
     _, record = checkpoint.load(train_mod.RunPaths(tmp_path / "run").state)
     assert record["epochs_done"] == 1
+
+
+def test_non_finite_batchnorm_statistics_are_divergence(tmp_path, prepared_dir, monkeypatch):
+    """Issue 17.3: a finite loss with infinite BatchNorm statistics is caught before anything is saved, and
+    the message names the epoch really kept on disk."""
+    settings = settings_for(prepared_dir, milestones=[], relax={"hard_epoch": 0})
+    exp = settings.experiment(SMALL)
+    real_epoch = train_mod.train_epoch
+
+    def poisoned(model, *args, **kwargs):
+        stats = real_epoch(model, *args, **kwargs)
+        if args[4] == 1:  # the second epoch: the loss was finite, the statistics are not
+            next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(train_mod, "train_epoch", poisoned)
+    with pytest.raises(train_mod.TrainingDiverged, match=r"non-finite model\..*running_var after epoch 2.*"
+                                                        r"end of epoch 1"):
+        train_mod.train(settings, exp, tmp_path / "run", quiet=True, live_dir=tmp_path / "l")
+    paths = train_mod.RunPaths(tmp_path / "run")
+    for which in (paths.state, paths.deployed, paths.float_weights):
+        tensors, record = checkpoint.load(which)
+        assert not train_mod.non_finite(tensors), which
+    assert checkpoint.read_sidecar(paths.state)["epochs_done"] == 1
+    assert checkpoint.read_sidecar(paths.deployed)["selected"]["epoch"] == 1
+
+
+def test_divergence_in_the_first_epoch_says_nothing_is_saved(tmp_path, prepared_dir):
+    """Issue 17.3: lr=1e6 used to exit 0 with infinite BatchNorm statistics saved."""
+    settings = settings_for(prepared_dir, epochs=1, milestones=[], relax={"hard_epoch": 0}, lr=1e6)
+    exp = settings.experiment(SMALL)
+    with pytest.raises(train_mod.TrainingDiverged, match="nothing is saved"):
+        train_mod.train(settings, exp, tmp_path / "run", quiet=True, live_dir=tmp_path / "l")
+    paths = train_mod.RunPaths(tmp_path / "run")
+    assert not paths.state.exists() and not paths.deployed.exists() and paths.incomplete.is_file()
 
 
 @pytest.mark.parametrize("override, message", [

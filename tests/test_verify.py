@@ -150,3 +150,33 @@ def test_missing_metrics_folder_is_a_one_line_error(tmp_path):
                            "--out", str(tmp_path / "reports")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no metrics folder" in proc.stderr
     assert not (tmp_path / "reports").exists()
+
+
+def test_verify_rejects_a_malformed_metrics_file_in_one_line(tmp_path):
+    """Issue 17 item 7: an accuracy of 150 or a file without `accuracy` stops verify, naming file and key."""
+    import subprocess
+    import sys
+
+    from paper_repro.metrics_schema import MetricsError, read_metrics
+    from fixtures_metrics import make_metrics
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    good = make_metrics("resnet20", "none", "BR", "pgd_at")
+    (folder / "good.json").write_text(json.dumps(good))
+    assert read_metrics(folder / "good.json")["run"] == good["run"]
+    cases = {"over.json": {**good, "accuracy": {**good["accuracy"], "natural": {**good["accuracy"]["natural"],
+                                                                                 "mean": 150.0}}},
+             "noacc.json": {k: v for k, v in good.items() if k != "accuracy"}}
+    for name, doc in cases.items():
+        (folder / name).write_text(json.dumps(doc))
+        with pytest.raises(MetricsError, match=f"{name}: metrics: accuracy"):
+            read_metrics(folder / name)
+        proc = subprocess.run([sys.executable, "-m", "paper_repro", "verify", "--metrics", str(folder),
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().startswith("error: ") and name in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        (folder / name).unlink()
+    (folder / "broken.json").write_text("{not json")
+    with pytest.raises(MetricsError, match="broken.json: not valid JSON"):
+        read_metrics(folder / "broken.json")

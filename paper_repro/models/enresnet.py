@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .resnet import PreActResNet, blocks_per_stage
+from .resnet import PreActResNet, ResidualHook, blocks_per_stage
+from .vgg import vgg_member
+from .wrn import wrn_blocks_per_stage, wrn_member
+
+#: (num_classes, after_add hook or None) -> one ensemble member.
+MemberFactory = Callable[[int, "ResidualHook | None"], nn.Module]
 
 NOISE_STD_MODES: tuple[str, ...] = ("batch", "sample")
 DEFAULT_SIGMA = 0.1
@@ -31,12 +37,17 @@ NAME_PATTERNS: tuple[str, ...] = (
     "resnet{depth}  (one member, no noise)",
     "en{k}resnet{depth}  (k >= 1 noisy members, logits averaged)",
     "depth = 6n+2, e.g. 20, 32, 44, 56, 110",
+    "wrn{6n+4}-{widen} / en{k}wrn{6n+4}-{widen}  (WideResNet, e.g. wrn34-10, en5wrn34-10)",
+    "vgg11 | vgg13 | vgg16 | vgg19  (no noise)",
 )
+_WRN_RE = re.compile(r"^(?:en(?P<k>[1-9][0-9]*))?wrn(?P<depth>[0-9]+)-(?P<widen>[1-9][0-9]*)$")
+_VGG_RE = re.compile(r"^vgg(?P<depth>[0-9]+)$")
 _NAME_RE = re.compile(r"^(?:en(?P<k>[1-9][0-9]*))?resnet(?P<depth>[0-9]+)$")
 PAPER_NAMES: tuple[str, ...] = (
     "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
     "en1resnet20", "en2resnet20", "en5resnet20",
     "en1resnet56", "en2resnet56", "en1resnet110",
+    "wrn34-10", "en5wrn34-10", "vgg11",
 )
 
 
@@ -129,6 +140,7 @@ class EnResNet(nn.Module):
         sigma: float = DEFAULT_SIGMA,
         noise_std: str = "batch",
         seed: int = 0,
+        make_member: MemberFactory | None = None,
     ):
         super().__init__()
         if members < 1:
@@ -139,7 +151,8 @@ class EnResNet(nn.Module):
         nets = []
         for i in range(members):
             hook = (lambda src=self._sources[i]: ResidualNoise(src)) if noisy else None
-            nets.append(PreActResNet(depth, num_classes, after_add=hook))
+            nets.append(make_member(num_classes, hook) if make_member is not None
+                        else PreActResNet(depth, num_classes, after_add=hook))
         self.members = nn.ModuleList(nets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,6 +208,44 @@ def parse_name(name: str) -> tuple[int, int, bool]:
     return (int(k), depth, True) if k is not None else (1, depth, False)
 
 
+@dataclass(frozen=True)
+class Arch:
+    """A parsed model name: family (resnet | wrn | vgg), members, depth, widen factor, noise layers."""
+    family: str
+    members: int
+    depth: int
+    widen: int
+    noisy: bool
+
+    def member_factory(self) -> MemberFactory | None:
+        if self.family == "wrn":
+            return wrn_member(self.depth, self.widen)
+        if self.family == "vgg":
+            return vgg_member(self.depth)
+        return None
+
+
+def parse_arch(name: str) -> Arch:
+    """Any buildable name: 'en5wrn34-10' -> Arch('wrn', 5, 34, 10, True); 'vgg11' -> Arch('vgg', 1, 11, 1, False)."""
+    w = _WRN_RE.match(name) if isinstance(name, str) else None
+    v = _VGG_RE.match(name) if isinstance(name, str) else None
+    try:
+        if w is not None:
+            wrn_blocks_per_stage(int(w["depth"]))
+            k = w["k"]
+            return Arch("wrn", int(k) if k else 1, int(w["depth"]), int(w["widen"]), k is not None)
+        if v is not None:
+            from .vgg import CONFIGS
+
+            if int(v["depth"]) not in CONFIGS:
+                raise ValueError(f"VGG depth must be one of {sorted(CONFIGS)}")
+            return Arch("vgg", 1, int(v["depth"]), 1, False)
+    except ValueError as err:
+        raise ValueError(f"model name {name!r}: {err}; valid patterns: " + "; ".join(NAME_PATTERNS)) from None
+    members, depth, noisy = parse_name(name)
+    return Arch("resnet", members, depth, 1, noisy)
+
+
 def names() -> tuple[str, ...]:
     """The architectures named in the paper and its references (any en{k}resnet{6n+2} builds)."""
     return PAPER_NAMES
@@ -215,7 +266,8 @@ def build(
     ``model.arch_config`` holds the effective keyword arguments, so
     ``build(model.arch, **model.arch_config)`` rebuilds the same architecture.
     """
-    members, depth, noisy = parse_name(name)
+    arch = parse_arch(name)
+    members, depth, noisy = arch.members, arch.depth, arch.noisy
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if not sigma >= 0.0:
@@ -228,6 +280,7 @@ def build(
         model = EnResNet(
             depth, members, num_classes,
             noisy=noisy, noise=noise, sigma=sigma, noise_std=noise_std, seed=seed,
+            make_member=arch.member_factory(),
         )
     model.arch = name
     model.arch_config = {

@@ -66,16 +66,18 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    """One CIFAR pre-activation ResNet; ``after_add`` builds the per-block noise hook (or None)."""
+    """One CIFAR pre-activation ResNet; ``after_add`` builds the per-block noise hook (or None).
+    ``widths`` / ``blocks`` let the WideResNet (models/wrn.py) reuse the same layout."""
 
-    def __init__(self, depth: int, num_classes: int = 10, after_add: ResidualHook | None = None):
+    def __init__(self, depth: int, num_classes: int = 10, after_add: ResidualHook | None = None, *,
+                 widths: tuple[int, int, int] = STAGE_WIDTHS, blocks: int | None = None):
         super().__init__()
-        n = blocks_per_stage(depth)
+        n = blocks_per_stage(depth) if blocks is None else blocks
         self.depth = depth
         self.stem = conv3x3(3, STEM_WIDTH)
         in_ch = STEM_WIDTH
         stages = []
-        for width, stride in zip(STAGE_WIDTHS, STAGE_STRIDES):
+        for width, stride in zip(widths, STAGE_STRIDES):
             blocks = []
             for b in range(n):
                 hook = after_add() if after_add is not None else None

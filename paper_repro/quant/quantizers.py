@@ -33,11 +33,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..config import KBIT_MAX, KBIT_MIN, TERNARY_SCALES, quantizer_options  # noqa: F401 - the vocabulary's home
+
 SCHEMES = ("binary", "ternary", "4bit", "kbit")
 NONE = "none"
-TERNARY_SCALES = ("ref", "twn")
 TERNARY_DELTA = 0.7
-KBIT_MIN, KBIT_MAX = 2, 8
 
 # (parameter name, owning module, parameter) -> quantize it?
 Rule = Callable[[str, nn.Module, Tensor], bool]
@@ -49,28 +49,9 @@ def is_none(scheme: str | None) -> bool:
 
 
 def check_scheme(scheme: str | None, **opts: Any) -> dict[str, Any]:
-    """Validate a scheme and its options; return the options with defaults filled in."""
-    if is_none(scheme):
-        allowed: dict[str, Any] = {}
-    elif scheme == "binary" or scheme == "4bit":
-        allowed = {}
-    elif scheme == "ternary":
-        allowed = {"scale": "ref"}
-    elif scheme == "kbit":
-        allowed = {"bits": None}
-    else:
-        raise ValueError(f"unknown quantizer scheme {scheme!r}; expected one of {SCHEMES} or 'none'")
-    unknown = set(opts) - set(allowed)
-    if unknown:
-        raise ValueError(f"scheme {scheme!r} takes options {sorted(allowed)}, got unknown {sorted(unknown)}")
-    out = {**allowed, **opts}
-    if scheme == "ternary" and out["scale"] not in TERNARY_SCALES:
-        raise ValueError(f"ternary scale must be one of {TERNARY_SCALES}, got {out['scale']!r}")
-    if scheme == "kbit":
-        bits = out["bits"]
-        if not isinstance(bits, int) or isinstance(bits, bool) or not KBIT_MIN <= bits <= KBIT_MAX:
-            raise ValueError(f"kbit needs an integer bits in [{KBIT_MIN}, {KBIT_MAX}], got {bits!r}")
-    return out
+    """Validate a scheme and its options; return the options with defaults filled in (config.quantizer_options:
+    the same check runs when params are loaded)."""
+    return quantizer_options(scheme, opts)
 
 
 def _positive_levels(scheme: str, opts: dict[str, Any]) -> int:
