@@ -111,9 +111,15 @@ def orchestrate(args: argparse.Namespace, out: Path) -> int:
     return 0 if report["ok"] else 1
 
 
+#: Seconds a part needs at the least whatever the budget (env: importing torch and starting CUDA took 8-11 s on
+#: the H200; a 150 s check gave it 8 s and killed it).
+MIN_TIMEOUT_S = {"env": 20.0}
+
+
 def part_timeout(name: str, still_to_run: list[str], left: float) -> float:
-    """``name``'s share of the seconds ``left`` among the parts still to run (the last one gets all of it)."""
-    return left * SHARES[name] / sum(SHARES[n] for n in still_to_run)
+    """``name``'s share of the seconds ``left`` among the parts still to run (the last one gets all of it),
+    at least its MIN_TIMEOUT_S while that much is left."""
+    return min(left, max(left * SHARES[name] / sum(SHARES[n] for n in still_to_run), MIN_TIMEOUT_S.get(name, 0.0)))
 
 
 def run_part(args: argparse.Namespace, out: Path, name: str, timeout: float) -> dict[str, Any]:

@@ -249,6 +249,12 @@ def part_train(part: Part) -> None:
     runs: dict[str, Any] = {}
     for i, name in enumerate(names):
         share = max(part.remaining() - 10, 1) / (len(names) - i)
+        epoch_s = max((r["epoch_wall_s"] or 0 for r in runs.values()), default=0)
+        if epoch_s and share < epoch_s:  # a run's first epoch always runs: it would overrun the part's timeout
+            runs[name] = {"model": settings.experiment(name).model, "skipped": f"its {share:.0f} s share is below "
+                          f"one epoch of the run before (~{epoch_s:.0f} s); raise --budget-s"}
+            part.save(experiments=runs)
+            continue
         cuda = torch.cuda.is_available() and settings.train.device != "cpu"
         if cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -180,12 +180,14 @@ def _train(part: dict[str, Any] | None) -> list[str]:
     r = (part or {}).get("result", {})
     if not r.get("experiments"):
         return []
+    skipped = [f"- {name}: skipped, {f['skipped']}" for name, f in r["experiments"].items() if f.get("skipped")]
     rows = [[f"{name} ({f.get('model')})", f.get("epochs_done"), f.get("val_natural_acc"), f.get("val_pgd_acc"), f.get("train_images_per_s"),
              f.get("epoch_wall_s"), f"{_fmt(f.get('peak_memory_gib'), 2)} GiB ({f.get('memory')})",
-             "budget" if f.get("stopped_by_budget") else "done"] for name, f in r["experiments"].items()]
+             "budget" if f.get("stopped_by_budget") else "done"] for name, f in r["experiments"].items()
+            if not f.get("skipped")]
     return [f"## Short training ({r.get('train_images', '?')} training images, up to {r.get('epochs')} epochs)", ""] + \
         _table(["experiment", "epochs", "val natural %", "val PGD %", "train img/s", "epoch s (with val)",
-                "peak memory", "ended by"], rows)
+                "peak memory", "ended by"], rows) + (skipped + [""] if skipped else [])
 
 
 def _columns(part: dict[str, Any] | None) -> list[str]:

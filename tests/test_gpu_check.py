@@ -133,8 +133,8 @@ def test_time_an_early_part_leaves_unused_passes_to_later_parts():
     """Shares are of the time still left among the parts still to run; the last part gets all that is left."""
     order = list(PARTS)
     assert order[-1] == "bench"  # the part that needed more than its share on the first H200 run
-    first = gpu_check.part_timeout(order[0], order, 480.0)
-    assert first == pytest.approx(480 * gpu_check.SHARES[order[0]] / sum(gpu_check.SHARES.values()))
+    second = gpu_check.part_timeout(order[1], order[1:], 460.0)
+    assert second == pytest.approx(460 * gpu_check.SHARES[order[1]] / sum(gpu_check.SHARES[n] for n in order[1:]))
     assert gpu_check.part_timeout("bench", ["bench"], 250.0) == 250.0
     # columns finishing early: bench's timeout grows with what columns left
     assert gpu_check.part_timeout("bench", ["bench"], 300.0) > gpu_check.part_timeout("columns", ["columns", "bench"], 300.0)
@@ -209,3 +209,19 @@ def test_render_rewrites_a_report_made_elsewhere_without_its_machine_folders(tmp
     assert report["estimate"]["profiles"]["gpu"]["train_gpu_hours"] > 0 and "md5" in report["rendered"]["from"]
     assert "Rendered from gpu_check.json md5" in (tmp_path / "report" / "gpu_check.md").read_text()
     assert gpu_check_cli(tmp_path, "--render", str(tmp_path / "none")).returncode != 0
+
+
+def test_env_gets_its_minimum_and_a_run_that_cannot_fit_one_epoch_is_skipped():
+    """From the second H200 run: a 150 s check gave env 8 s (killed), and the train part's second run got a
+    share below one epoch, so its always-run first epoch overran the part's timeout."""
+    assert gpu_check.part_timeout("env", list(PARTS), 150.0) == 20.0
+    assert gpu_check.part_timeout("env", list(PARTS), 12.0) == 12.0  # never more than is left
+    r = {"train_images": 45000, "epochs": 1, "experiments": {
+        "resnet20-fp-pgd_at": {"model": "resnet20", "epochs_done": 1, "epoch_wall_s": 24.6},
+        "en1resnet20-fp-pgd_at": {"model": "en1resnet20", "skipped": "its 20 s share is below one epoch of the run before (~25 s)"}}}
+    md = markdown({"parts": {"train": {"status": "ok", "result": r}}, "created": "now", "dry": False, "command": "c",
+                   "params": "p", "budget_s": 1, "wall_s": 1, "ok": True, "versions": {}, "estimate": None})
+    assert "| resnet20-fp-pgd_at (resnet20) | 1 |" in md and "- en1resnet20-fp-pgd_at: skipped, its 20 s share" in md
+    assert "| en1resnet20-fp-pgd_at (" not in md
+    est = grid_estimate({"train": {"result": r}}, dry=False)
+    assert est is not None and est["profiles"]["gpu"]["train_gpu_hours"] > 0
