@@ -149,6 +149,7 @@ def test_svhn_rejects_bad_inputs(tmp_path, case, message):
 # --------------------------------------------------------------------------- several datasets, one profile
 def test_experiments_on_other_datasets_get_subfolders_through_the_cli(tmp_path, monkeypatch):
     c10 = make_archive(tmp_path / "cifar-10-python.tar.gz")
+    monkeypatch.delenv("CIFAR10_ARCHIVE", raising=False)  # `make test` exports the stand-in's; params name c10
     monkeypatch.setenv("CIFAR100_ARCHIVE", str(make_cifar100_archive(tmp_path / "c100.tar.gz")))
     monkeypatch.setenv("SVHN_DIR", str(make_svhn_folder(tmp_path / "svhn-files")))
     params = tmp_path / "params.yaml"

@@ -267,7 +267,10 @@ def test_summary_csv_one_row_per_metrics_file(tmp_path):
     docs = write_metrics(tmp_path, [make_metrics("resnet20", "none", "none", "pgd_at"),
                                     make_metrics("en1resnet20", "ternary", "BR", "pgd_at"),
                                     make_metrics("en1resnet20", "4bit", "BR", "tradeoff")])
-    (tmp_path / "not_metrics.json").write_text("{\"other\": 1}")
+    (tmp_path / "not_metrics.json").write_text("{\"other\": 1}")  # metrics/ holds runs' metrics only
+    with pytest.raises(ValueError, match="not_metrics.json: metrics: schema_version must be 1"):
+        summary.summarize(tmp_path)
+    (tmp_path / "not_metrics.json").unlink()
     out = summary.summarize(tmp_path)
     with out.open() as fh:
         reader = csv.DictReader(fh)
