@@ -17,7 +17,7 @@ COMMANDS = {
     "train": ("paper_repro.train", "train one experiment of params.yaml into runs/<name>/"),
     "evaluate": ("paper_repro.evaluate", "evaluate one trained run into metrics/<name>.json"),
     "verify": ("paper_repro.verify", "check reported numbers and claims against metrics/"),
-    "report": ("paper_repro.render", "execute the notebooks (papermill) into reports/ with HTML copies"),
+    "report": ("paper_repro.report", "execute the notebooks (papermill) into reports/ with HTML copies"),
     "publish": ("paper_repro.publish", "write the committed bundle results/<profile>/ (or the README results block)"),
     "grid": ("paper_repro.grid", "train and evaluate every out-of-date experiment as parallel jobs, then dvc commit"),
     "bench": ("paper_repro.bench", "time training steps: our loop versus a plain baseline loop"),
@@ -51,7 +51,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 ANTICIPATED = {"paper_repro.config": "ConfigError", "paper_repro.data": "DataError",
                "paper_repro.metrics_schema": "MetricsError", "paper_repro.checkpoint": "CheckpointError",
                "paper_repro.claims": "RegistryError", "paper_repro.zoo": "ZooError",
-               "paper_repro.render": "ReportError"}
+               "paper_repro.report": "ReportError"}
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

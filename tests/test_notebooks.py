@@ -160,7 +160,7 @@ def test_notebooks_run_with_no_runs_at_all(tmp_path):
 
 def test_banner_says_when_not_comparable():
     from fixtures_metrics import simple_metrics
-    from paper_repro import report as R
+    from paper_repro import tables as R
 
     paper = [simple_metrics("a", acc={"natural": 70.0})]
     assert R.NOT_COMPARABLE not in R.banner(paper, {"official": True}, "paper")
@@ -174,7 +174,7 @@ def test_banner_says_when_not_comparable():
 def test_save_table_writes_csv_markdown_latex(tmp_path):
     import pandas as pd
 
-    from paper_repro import report as R
+    from paper_repro import tables as R
 
     df = pd.DataFrame({"run": ["en1resnet20-4bit-br-pgd_at"], "A4 C&W": ["65.69 ± 0.26"], "share %": [8.657]})
     paths = R.save_table(df, tmp_path, "t", "profile: smoke | NOT COMPARABLE WITH THE PAPER")
@@ -187,7 +187,7 @@ def test_save_table_writes_csv_markdown_latex(tmp_path):
 
 
 def test_as_list_and_variant():
-    from paper_repro import report as R
+    from paper_repro import tables as R
 
     assert R.as_list("a, b,,c") == ["a", "b", "c"] and R.as_list(["x"]) == ["x"] and R.as_list(None) == []
     assert R.variant("none", "none") == "fp32" and R.variant("ternary", "br") == "ternary BR"

@@ -1,4 +1,4 @@
-"""`report` (issue 17, item 8): notebooks run in a staging folder and their outputs replace the previous report
+"""The `report` stage (issue 17, item 8): notebooks run in a staging folder and their outputs replace the previous report
 only when every notebook succeeded; a failure is one line and leaves the previous report as it was."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import nbformat
 import pytest
 
-from paper_repro import render
+from paper_repro import report
 
 WRITE = "from pathlib import Path\n(Path(out_dir) / 'tables').mkdir(parents=True, exist_ok=True)\n" \
         "(Path(out_dir) / 'tables' / '{name}.csv').write_text('fresh')\n"
@@ -39,25 +39,25 @@ def setup(tmp_path):
 @pytest.mark.slow
 def test_a_failing_notebook_leaves_the_previous_report(setup):
     sources, out = setup
-    with pytest.raises(render.ReportError) as err:
-        render.render(sources, out, {"out_dir": str(out)}, {"b": {"fail": True}}, quiet=True)
+    with pytest.raises(report.ReportError) as err:
+        report.render(sources, out, {"out_dir": str(out)}, {"b": {"fail": True}}, quiet=True)
     message = str(err.value)
     assert "notebook b.ipynb failed in cell" in message and "ValueError: broken input" in message
     assert "\n" not in message and f"{out} is unchanged" in message
     assert sorted(p.name for p in (out / "tables").iterdir()) == ["old.csv"]  # a.csv was staged, never promoted
     assert not (out / "notebooks").exists()
-    assert (out / render.STAGING / "notebooks" / "b.ipynb").is_file()  # the failed notebook, to read
+    assert (out / report.STAGING / "notebooks" / "b.ipynb").is_file()  # the failed notebook, to read
 
 
 @pytest.mark.slow
 def test_a_successful_report_replaces_the_previous_one(setup):
     sources, out = setup
-    written = render.render(sources, out, {"out_dir": str(out)}, {}, quiet=True)
+    written = report.render(sources, out, {"out_dir": str(out)}, {}, quiet=True)
     assert sorted(p.name for p in (out / "tables").iterdir()) == ["a.csv", "b.csv"]  # old.csv was stale
     assert (out / "tables" / "a.csv").read_text() == "fresh" and (out / "verification.json").is_file()
     assert {p.name for p in (out / "notebooks").iterdir()} == {"a.ipynb", "a.html", "b.ipynb", "b.html"}
-    assert not (out / render.STAGING).exists() and set(written) >= {out / "tables" / "a.csv"}
-    render.render(sources, out, {"out_dir": str(out)}, {}, only=["a"], quiet=True)  # --only keeps b's outputs
+    assert not (out / report.STAGING).exists() and set(written) >= {out / "tables" / "a.csv"}
+    report.render(sources, out, {"out_dir": str(out)}, {}, only=["a"], quiet=True)  # --only keeps b's outputs
     assert (out / "tables" / "b.csv").is_file()
 
 
