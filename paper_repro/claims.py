@@ -10,7 +10,6 @@ the registry (use it after editing claims.yaml).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys

@@ -294,7 +294,7 @@ def run_figures(run_dir: Path, cuda: bool) -> dict[str, Any]:
 def part_columns(part: Part) -> None:
     """The paper columns A1-A4 for one model on (up to) 10,000 test images, one noise seed, fp32 as configured."""
     import torch
-    from . import evaluate
+    from . import evaluate, scoring
     from .data import load_prepared
     from .loader import pick_device
     from .models import build
@@ -313,7 +313,7 @@ def part_columns(part: Part) -> None:
         model = model.to(memory_format=torch.channels_last) if channels_last else model
         source = f"untrained {arch} (timing only: the train part left no model)"
     amp = ev.amp == "bf16" or (ev.amp == "auto" and device.type == "cuda")
-    scorer = evaluate.Scorer(evaluate.AutocastLogits(model, device.type) if amp else model, device, ev.batch_size,
+    scorer = scoring.Scorer(scoring.AutocastLogits(model, device.type) if amp else model, device, ev.batch_size,
                              True, channels_last)
     data = load_prepared(part.prepared)
     x_test, y_test = torch.as_tensor(data.x_test), torch.as_tensor(data.y_test).long()
@@ -321,10 +321,10 @@ def part_columns(part: Part) -> None:
     part.save(model=source, images=n, seeds=1, amp="bf16" if amp else "fp32", device=str(device), columns={})
     columns: dict[str, Any] = {}
     for key, spec in ev.attacks.items():
-        job = evaluate.Job(key, spec, 0.0 if spec.attack == "natural" else spec.eps, False, n, (0,))
+        job = scoring.Job(key, spec, 0.0 if spec.attack == "natural" else spec.eps, False, n, (0,))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        entry, _ = evaluate.run_job(scorer, job, x_test, y_test, evaluate.noise_active(model))
+        entry, _ = scoring.run_job(scorer, job, x_test, y_test, scoring.noise_active(model))
         columns[key] = {"column": spec.paper_column, "seconds": entry["seconds"], "accuracy": entry["mean"],
                         "images_per_s": round(n / max(entry["seconds"], 1e-9), 1)}
         part.save(columns=columns, total_s=round(sum(c["seconds"] for c in columns.values()), 2))

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from . import config
-from .data import SOURCES, is_url, prepare, resolve_extra_source, resolve_source, source_md5
+from .data import is_url, prepare, resolve_extra_source, resolve_source, source_md5
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 LEVEL = 0.95
 INTERVAL_RULE = ("95% interval = Wilson interval of the test-set sampling (n images) combined in quadrature with "
@@ -52,6 +54,26 @@ def wilson(successes: float, n: int, level: float = LEVEL) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
     return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def accuracy_stats(correct: np.ndarray) -> dict[str, Any]:
+    """One accuracy entry's numbers in % (2 decimals) from a (seeds, n) bool array: mean, sample std and
+    t-interval over seeds (``ci95``; the Wilson interval when one seed ran), and the Wilson interval of the
+    test-set sampling (``ci95_wilson``)."""
+    k, n = correct.shape
+    counts = correct.sum(axis=1)
+    pct = 100.0 * counts / n
+    mean = float(pct.mean())
+    lo_w, hi_w = wilson(mean * n / 100, n)
+    if k >= 2:
+        std = float(pct.std(ddof=1))
+        half = _t(k - 1) * std / math.sqrt(k)
+        ci, method, std_out = (max(0.0, mean - half), min(100.0, mean + half)), "t over seeds", round(std, 2)
+    else:
+        ci, method, std_out = (lo_w, hi_w), "wilson (one seed)", None
+    return {"mean": round(mean, 2), "std": std_out, "ci95": [round(ci[0], 2), round(ci[1], 2)], "ci_method": method,
+            "ci95_wilson": [round(lo_w, 2), round(hi_w, 2)],
+            "per_seed": [round(float(p), 2) for p in pct], "correct": [int(c) for c in counts]}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import yaml
 
 from archive_factory import make_archive
 from fixtures_metrics import make_metrics, write_metrics
-from paper_repro import checkpoint, cli, config, evaluate as E, recipe, summary, train as train_mod
+from paper_repro import checkpoint, cli, config, evaluate as E, recipe, scoring, stats, summary, train as train_mod
 from paper_repro.data import prepare
 from paper_repro.models import build
 from paper_repro.quant import load_packed
@@ -310,11 +310,11 @@ def test_bad_settings_fail_at_load_naming_the_key(tmp_path, override, message):
 def test_unknown_attack_option_fails_before_any_work():
     ev = config.from_dict({"evaluate": {"attacks": {"p": {"attack": "pgd", "options": {"stepz": 3}}}}}).evaluate
     with pytest.raises(config.ConfigError, match=r"evaluate.attacks.p.options.stepz is not a parameter of attacks.pgd"):
-        E.check_settings(ev)
+        scoring.check_settings(ev)
     ev = config.from_dict({"evaluate": {"attacks": {"a": {"attack": "autoattack", "eot": 3}}}}).evaluate
     with pytest.raises(config.ConfigError, match="evaluate.attacks.a.eot"):
-        E.check_settings(ev)
-    E.check_settings(config.EvaluateSettings())  # the paper profile is valid
+        scoring.check_settings(ev)
+    scoring.check_settings(config.EvaluateSettings())  # the paper profile is valid
 
 
 def test_defaults_are_the_paper_profile():
@@ -323,38 +323,38 @@ def test_defaults_are_the_paper_profile():
     assert list(ev.attacks) == list(recipe.PAPER_ATTACKS)
     eps = {k: v.eps for k, v in ev.attacks.items()}
     assert eps == {"natural": 0.0, "fgsm": 0.031, "ifgsm20": 0.031, "cw_ref": 0.031}
-    jobs, skipped = E.plan(ev, 10000, noisy=True)
+    jobs, skipped = scoring.plan(ev, 10000, noisy=True)
     keys = [j.key for j in jobs]
     assert keys[:4] == list(recipe.PAPER_ATTACKS) and not skipped
     assert {"pgd50_eot@0.031", "pgd50_eot@8/255", "cw_linf@0.031", "autoattack_rand@0.031",
             "autoattack_standard_noise_off@8/255"} <= set(keys)
-    _, skipped = E.plan(ev, 10000, noisy=False)
+    _, skipped = scoring.plan(ev, 10000, noisy=False)
     assert set(skipped) == {"autoattack_rand@0.031", "autoattack_rand@8/255"}
 
 
 def test_eps_label():
-    assert E.eps_label(8 / 255) == "8/255" and E.eps_label(2 / 255) == "2/255"
-    assert E.eps_label(0.031) == "0.031" and E.eps_label(1.0) == "1"
+    assert scoring.eps_label(8 / 255) == "8/255" and scoring.eps_label(2 / 255) == "2/255"
+    assert scoring.eps_label(0.031) == "0.031" and scoring.eps_label(1.0) == "1"
 
 
 def test_accuracy_stats_t_interval_and_wilson():
     correct = np.zeros((3, 100), dtype=bool)
     for i, k in enumerate((50, 52, 54)):
         correct[i, :k] = True
-    s = E.accuracy_stats(correct)
+    s = stats.accuracy_stats(correct)
     assert s["mean"] == 52.0 and s["std"] == 2.0 and s["correct"] == [50, 52, 54]
     assert s["ci95"] == [round(52 - 4.302653 * 2 / math.sqrt(3), 2), round(52 + 4.302653 * 2 / math.sqrt(3), 2)]
-    one = E.accuracy_stats(correct[:1])
+    one = stats.accuracy_stats(correct[:1])
     assert one["std"] is None and one["ci_method"].startswith("wilson") and one["ci95"] == one["ci95_wilson"]
     assert one["ci95"][0] < 50 < one["ci95"][1] and one["ci95"] == [40.38, 59.62]
 
 
 def test_autocast_wrapper_keeps_noise_controls():
     model = build("en1resnet8", seed=0)
-    wrapped = E.AutocastLogits(model, "cpu")
+    wrapped = scoring.AutocastLogits(model, "cpu")
     x = torch.rand(2, 3, 32, 32)
     assert wrapped(x).dtype == torch.float32 and wrapped.has_noise and wrapped.noise_std == "batch"
-    with E.noise_switched(wrapped, False):
+    with scoring.noise_switched(wrapped, False):
         assert not model.noise_enabled
     assert model.noise_enabled
     wrapped.set_noise_std("sample")
