@@ -206,16 +206,25 @@ def download(url: str, md5: str | None, dest: Path, retries: int | None = None,
 
 
 # --------------------------------------------------------------------------- archive
+#: Largest batch file read into memory: CIFAR-100's train file is 50,000 x 3,072 bytes plus labels (~155 MB).
+MAX_MEMBER_BYTES = 200 * 2**20
+
+
 def read_members(archive: Path, layout: CifarLayout | None = None) -> dict[str, bytes]:
     """Read the batch files of a CIFAR python archive, refusing unsafe or unexpected members."""
     lay = layout or CIFAR_LAYOUTS["cifar10"]
     wanted = {f"{lay.folder}/{name}" for name in (*lay.train_files, *lay.test_files, lay.meta_file)}
     try:
+        check_gzip_stream(archive)
         with tarfile.open(archive, mode="r:*") as tar:
             members = tar.getmembers()
             for m in members:
                 _check_member_is_safe(m, archive)
             found = {str(PurePosixPath(m.name)): m for m in members if m.isfile()}
+            for name in wanted & set(found):
+                if found[name].size > MAX_MEMBER_BYTES:
+                    raise DataError(f"{archive}: member {name} claims {found[name].size:,} bytes, more than any "
+                                    f"{recipe.DATASET_LABELS[lay.dataset]} batch ({MAX_MEMBER_BYTES:,}): refusing it")
             missing = sorted(n for n in wanted if n not in found)
             if missing:
                 raise DataError(f"{archive}: not a {recipe.DATASET_LABELS[lay.dataset]} python archive, missing "
@@ -227,6 +236,17 @@ def read_members(archive: Path, layout: CifarLayout | None = None) -> dict[str, 
         detail = " ".join(str(e).split())[:200]
         raise DataError(f"{archive}: unreadable archive ({e.__class__.__name__}: {detail}); the file is truncated "
                         f"or corrupt, fetch it again") from None
+
+
+def check_gzip_stream(archive: Path, chunk: int = 2**22) -> None:
+    """Decompress a gzip file to its end, so that its CRC is checked: tar stops reading before the end, and a
+    flipped byte would otherwise surface later as a malformed batch instead of a corrupt archive."""
+    with open(archive, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return
+    with gzip.open(archive, "rb") as g:
+        while g.read(chunk):
+            pass
 
 
 def _check_member_is_safe(member: tarfile.TarInfo, archive: Path) -> None:
@@ -302,14 +322,15 @@ def parse_cifar(members: dict[str, bytes], lay: CifarLayout
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])
     _check_all_classes(y_train, lay.num_classes)
+    _check_all_classes(y_test, lay.num_classes, "test")
     classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
     return x_train, y_train, x_test, y_test, classes
 
 
-def _check_all_classes(y_train: np.ndarray, num_classes: int) -> None:
-    present = np.unique(y_train)
+def _check_all_classes(y: np.ndarray, num_classes: int, split: str = "training") -> None:
+    present = np.unique(y)
     if present.size != num_classes:
-        raise DataError(f"training batches hold {present.size} classes, expected {num_classes}")
+        raise DataError(f"{split} batches hold {present.size} classes, expected {num_classes}")
 
 
 # --------------------------------------------------------------------------- SVHN
@@ -392,6 +413,7 @@ def read_dataset(dataset: str, source: str, md5: str | None, download_to: Path, 
         file_md5 = {name: calculate_md5(local / name) for name, _ in SVHN_SPLITS.values()}
         (x_train, y_train), (x_test, y_test) = (read_svhn_split(local / SVHN_SPLITS[s][0]) for s in ("train", "test"))
         _check_all_classes(y_train, recipe.NUM_CLASSES[dataset])
+        _check_all_classes(y_test, recipe.NUM_CLASSES[dataset], "test")
         classes, pinned, size = list(SVHN_CLASSES), dict(SVHN_SPLITS.values()), sum(
             (local / n).stat().st_size for n in file_md5)
         source_md5 = folder_md5(file_md5)
@@ -447,8 +469,9 @@ def source_md5(dataset: str, path: str | Path) -> str:
 
 def _write_folder_atomically(out: Path, parts: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]) -> None:
     """Build the folder (main dataset at "", others in subfolders) under a temp name and swap it in, so a
-    failure leaves the old one untouched."""
+    failure leaves the old one untouched (a kill between the swap's two renames is undone by recover_swap)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_swap(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -469,10 +492,22 @@ def _write_folder_atomically(out: Path, parts: dict[str, tuple[dict[str, np.ndar
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_swap(out: Path) -> None:
+    """A prepare killed between moving the old folder aside and moving the new one in leaves no ``out`` but
+    a whole ``.<name>.old-<pid>``: put it back (a whole folder is one with its meta.json)."""
+    if out.exists():
+        return
+    aside = sorted(p for p in out.parent.glob(f".{out.name}.old-*") if (p / META_JSON).is_file())
+    if aside:
+        os.replace(aside[-1], out)
+        print(f"prepare: restored {out} from {aside[-1].name}, left by an interrupted prepare", flush=True)
+
+
 def load_prepared(folder: str | Path, dataset: str | None = None) -> Prepared:
     """Load ``data/prepared/`` (no unpickling), or its ``<dataset>/`` subfolder when ``dataset`` is not the
     one prepared at the top; a clear error when it is missing. ``dataset`` None: whatever is at the top."""
     folder = Path(folder)
+    recover_swap(folder)
     meta_path = folder / META_JSON
     if not meta_path.is_file():
         raise DataError(f"{folder}: no prepared data (run `python -m paper_repro prepare` first)")

@@ -256,3 +256,39 @@ def test_shared_standin_prepares_as_not_official(tmp_path, shared_dir):
     assert meta["official"] is False and meta["counts"] == {"train": 5000, "test": 1000}
     got = load_prepared(tmp_path / "out")
     assert got.x_train.shape == (5000, 3, 32, 32) and np.bincount(got.y_test, minlength=10).min() > 0
+
+
+# --------------------------------------------------------------------------- issue 17, item 12
+def test_a_flipped_byte_is_a_corrupt_archive(tmp_path, tiny_archive):
+    blob = bytearray(tiny_archive.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    flipped = tmp_path / "flipped.tar.gz"
+    flipped.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="unreadable archive .*truncated or corrupt"):
+        prepare(str(flipped), tmp_path / "out")
+
+
+def test_a_test_split_without_every_class_is_refused(tmp_path):
+    files = make_files()
+    files["test_batch"] = batch_bytes(np.zeros((20, 3072), np.uint8), [3] * 20)
+    with pytest.raises(DataError, match="test batches hold 1 classes, expected 10"):
+        prepare(str(write_archive(tmp_path / "t.tar.gz", files)), tmp_path / "out")
+
+
+def test_an_oversized_member_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 1000)
+    with pytest.raises(DataError, match=r"claims [\d,]+ bytes, more than any CIFAR-10 batch \(1,000\)"):
+        prepare(str(write_archive(tmp_path / "big.tar.gz", make_files())), tmp_path / "out")
+
+
+def test_a_kill_between_the_two_renames_is_recovered(tmp_path, tiny_archive):
+    out = tmp_path / "prepared"
+    prepare(str(tiny_archive), out)
+    before = (out / data.ARRAYS_FILE).read_bytes()
+    aside = tmp_path / ".prepared.old-12345"
+    out.rename(aside)  # what a kill after `os.replace(out, old)` leaves
+    assert load_prepared(out).x_train.shape[0] > 0 and (out / data.ARRAYS_FILE).read_bytes() == before
+    assert not aside.exists()
+    out.rename(aside)
+    prepare(str(tiny_archive), out)  # a new prepare also restores first, then swaps as usual
+    assert (out / data.ARRAYS_FILE).read_bytes() == before and not list(tmp_path.glob(".prepared.*"))
