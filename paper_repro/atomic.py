@@ -32,6 +32,11 @@ def write_with(path: str | os.PathLike, write: Callable[[Path], Any],
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None or e.filename == tmp:  # say which file could not be written, not its temp name
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -243,3 +243,36 @@ def test_atomic_writes_get_the_mode_of_a_new_file(tmp_path, umask):
     finally:
         os.umask(old)
     assert modes == {p.name: 0o666 & ~umask for p in paths}
+
+
+# --------------------------------------------------------------------------- a full disk (a real small tmpfs)
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only: elsewhere the test skips, saying why); unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_training_on_a_full_disk_stops_in_one_line_and_resumes_once_there_is_room(project, small_disk):
+    """ENOSPC while saving a checkpoint: exit 2 with `error: disk full writing ...`, no half-written file,
+    the folder marked INCOMPLETE; after the disk grows, --resume finishes the run."""
+    base = [sys.executable, "-m", "paper_repro", "train", "--params", str(project / "params.yaml"), "-e", SMALL,
+            "--quiet", "--run-dir", str(small_disk / "run"), "--live-dir", str(small_disk / "live")]
+    proc = subprocess.run(base, capture_output=True, text=True, env=environment(), timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: disk full writing "), proc.stderr[-2000:]
+    assert not [p for p in small_disk.rglob("*") if ".tmp" in p.name], "a temp file was left behind"
+    assert (small_disk / "run" / "INCOMPLETE").is_file() and not (small_disk / "run" / "train.json").exists()
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    again = subprocess.run([*base, "--resume"], capture_output=True, text=True, env=environment(), timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert (small_disk / "run" / "train.json").is_file() and not (small_disk / "run" / "INCOMPLETE").exists()
