@@ -13,15 +13,14 @@ Each check takes all metrics plus its registry params and returns a CheckResult.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import recipe, stats
+from .config import RESNET_NAME
 from .stats import Estimate
 
 FLOAT = "none"
-MODEL_NAME = re.compile(r"^(?:en(\d+))?(resnet\d+)$")
 
 
 @dataclass
@@ -245,8 +244,8 @@ def tradeoff_keeps_robustness(metrics: Sequence[Mapping[str, Any]], weak: Sequen
 
 def ensemble_size(model: str) -> tuple[int, str] | None:
     """('en2resnet20') -> (2, 'resnet20'); plain 'resnet20' -> (0, 'resnet20')."""
-    found = MODEL_NAME.match(str(model).lower())
-    return (int(found.group(1) or 0), found.group(2)) if found else None
+    found = RESNET_NAME.match(str(model).lower())
+    return (int(found["k"] or 0), f"resnet{found['depth']}") if found else None
 
 
 def ensemble_ordering(metrics: Sequence[Mapping[str, Any]], loss: str = "pgd_at", quantizer: str = FLOAT,

@@ -23,10 +23,13 @@ OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE_ENV = "CIFAR10_ARCHIVE"
 
-MODEL_PATTERN = re.compile(r"^(en(\d+))?resnet(\d+)$")
-# The wider grid of the authors' references: WideResNets (TRADES / EnResNet WRN-34-10) and VGG (BinaryRelax demo).
-WRN_PATTERN = re.compile(r"^(en(\d+))?wrn(\d+)-(\d+)$")
-VGG_PATTERN = re.compile(r"^vgg(11|13|16|19)$")
+#: The model-name grammar (one home: config checks names at load, models.build parses them, checks reads
+#: the ensemble size): [en<k>]resnet<depth>, [en<k>]wrn<depth>-<widen> (the authors' wider grid: TRADES /
+#: EnResNet WRN-34-10) and vgg<depth> (the BinaryRelax demo).
+RESNET_NAME = re.compile(r"^(?:en(?P<k>[1-9][0-9]*))?resnet(?P<depth>[0-9]+)$")
+WRN_NAME = re.compile(r"^(?:en(?P<k>[1-9][0-9]*))?wrn(?P<depth>[0-9]+)-(?P<widen>[1-9][0-9]*)$")
+VGG_NAME = re.compile(r"^vgg(?P<depth>[0-9]+)$")
+VGG_DEPTHS = (11, 13, 16, 19)
 QUANTIZERS = ("none", "binary", "ternary", "4bit", "kbit")
 #: Options each quantizer takes, with their defaults (None: required). quant.quantizers checks with these.
 QUANTIZER_OPTIONS: dict[str, dict[str, Any]] = {"none": {}, "binary": {}, "4bit": {}, "ternary": {"scale": "ref"},
@@ -551,13 +554,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def _known_model(name: str) -> bool:
     """The names paper_repro.models.build accepts (checked here without importing torch)."""
-    m, w = MODEL_PATTERN.match(name), WRN_PATTERN.match(name)
+    m, w, v = RESNET_NAME.match(name), WRN_NAME.match(name), VGG_NAME.match(name)
     if m is not None:
-        return (int(m.group(3)) - 2) % 6 == 0 and int(m.group(3)) >= 8 and (m.group(2) is None or int(m.group(2)) >= 1)
+        return (int(m["depth"]) - 2) % 6 == 0 and int(m["depth"]) >= 8
     if w is not None:
-        return ((int(w.group(3)) - 4) % 6 == 0 and int(w.group(3)) >= 10 and int(w.group(4)) >= 1
-                and (w.group(2) is None or int(w.group(2)) >= 1))
-    return VGG_PATTERN.match(name) is not None
+        return (int(w["depth"]) - 4) % 6 == 0 and int(w["depth"]) >= 10
+    return v is not None and int(v["depth"]) in VGG_DEPTHS
 
 
 def _join(path: str, key: str) -> str:

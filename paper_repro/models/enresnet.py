@@ -17,13 +17,13 @@ so parameter names are always ``members.<i>.<layer>...``, e.g. ``members.0.stem.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ..config import RESNET_NAME, VGG_NAME, WRN_NAME
 from .resnet import PreActResNet, ResidualHook, blocks_per_stage
 from .vgg import vgg_member
 from .wrn import wrn_blocks_per_stage, wrn_member
@@ -40,9 +40,7 @@ NAME_PATTERNS: tuple[str, ...] = (
     "wrn{6n+4}-{widen} / en{k}wrn{6n+4}-{widen}  (WideResNet, e.g. wrn34-10, en5wrn34-10)",
     "vgg11 | vgg13 | vgg16 | vgg19  (no noise)",
 )
-_WRN_RE = re.compile(r"^(?:en(?P<k>[1-9][0-9]*))?wrn(?P<depth>[0-9]+)-(?P<widen>[1-9][0-9]*)$")
-_VGG_RE = re.compile(r"^vgg(?P<depth>[0-9]+)$")
-_NAME_RE = re.compile(r"^(?:en(?P<k>[1-9][0-9]*))?resnet(?P<depth>[0-9]+)$")
+_NAME_RE, _WRN_RE, _VGG_RE = RESNET_NAME, WRN_NAME, VGG_NAME  # the grammar lives in config
 PAPER_NAMES: tuple[str, ...] = (
     "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
     "en1resnet20", "en2resnet20", "en5resnet20",
