@@ -194,15 +194,17 @@ class EvaluateSettings:
 
     @staticmethod
     def paper_attacks() -> dict[str, EvalAttack]:
-        """The paper's columns A1-A4 (paper-spec section 6)."""
+        """The paper's columns A1-A4 (paper-spec section 6; the column names are recipe.PAPER_COLUMNS)."""
+        col = recipe.PAPER_COLUMNS
         return {
-            "natural": EvalAttack("natural", eps=0.0, paper_column="A1", label="natural (clean) accuracy"),
-            "fgsm": EvalAttack("fgsm", eps=recipe.PAPER_EPS, paper_column="A2", label="FGSM, one sign step"),
-            "ifgsm20": EvalAttack("ifgsm20", eps=recipe.PAPER_EPS, paper_column="A3",
+            "natural": EvalAttack("natural", eps=0.0, paper_column=col["natural"], label="natural (clean) accuracy"),
+            "fgsm": EvalAttack("fgsm", eps=recipe.PAPER_EPS, paper_column=col["fgsm"], label="FGSM, one sign step"),
+            "ifgsm20": EvalAttack("ifgsm20", eps=recipe.PAPER_EPS, paper_column=col["ifgsm20"],
                                   label="IFGSM20: 20 steps of 1/255, no random start"),
             # Reference quirk kept as the default because it produced the reported A4 numbers: under
             # PyTorch 0.4 the reference's w, x and the rescaled image share storage ("aliased").
-            "cw_ref": EvalAttack("cw_ref", eps=recipe.PAPER_EPS, paper_column="A4", options={"variant": "aliased"},
+            "cw_ref": EvalAttack("cw_ref", eps=recipe.PAPER_EPS, paper_column=col["cw_ref"],
+                                 options={"variant": "aliased"},
                                  label="C&W, the reference variant (not standard Carlini-Wagner; unclamped; "
                                        "reference aliasing of w and x reproduced)"),
         }
