@@ -300,6 +300,10 @@ class Experiment:
     quantizer_options: dict[str, Any] = field(default_factory=dict)
     noise: bool = True
     dataset: str | None = None   # null: the profile's data.dataset
+    #: The float twin whose model the transfer check attacks (float_twin); the name itself when the run is full
+    #: precision or has none. Written out in the profiles' params because dvc.yaml declares runs/<twin> a
+    #: dependency of evaluate@<name> (retraining the twin reruns the check); not part of the training.
+    twin: str | None = None
 
     def validate(self, at: str) -> None:
         _check(re.fullmatch(r"[A-Za-z0-9_.@=+-]+", self.name) is not None,
@@ -358,6 +362,11 @@ class Settings:
         _check(not dupes, f"experiments: duplicate names {dupes}")
         for e in self.experiments:
             e.validate(f"experiments.{e.name}")
+            expected = float_twin(self.experiments, e)
+            _check(e.twin is None or e.twin == expected,
+                   f"experiments.{e.name}.twin must be {expected!r}, "
+                   + ("the name itself (no float run of the same model, loss, loss weights and noise)"
+                      if expected == e.name else "the float run of the same model, loss, loss weights and noise"))
 
     def experiment(self, name: str) -> Experiment:
         for e in self.experiments:
@@ -365,6 +374,19 @@ class Settings:
                 return e
         known = ", ".join(e.name for e in self.experiments) or "none"
         raise ConfigError(f"unknown experiment {name!r}; params.yaml lists: {known}")
+
+
+def float_twin(experiments: list[Experiment], experiment: Experiment) -> str:
+    """The name of ``experiment``'s float twin (same model, loss, loss weights and noise, quantizer none), or
+    its own name when it is full precision or has none."""
+    if not experiment.quantized:
+        return experiment.name
+    for e in experiments:
+        if (e.name != experiment.name and not e.quantized and e.model == experiment.model and e.loss == experiment.loss
+                and e.noise == experiment.noise and e.dataset == experiment.dataset
+                and e.resolved_loss_params() == experiment.resolved_loss_params()):
+            return e.name
+    return experiment.name
 
 
 def quantizer_options(scheme: str | None, options: dict[str, Any]) -> dict[str, Any]:

@@ -87,12 +87,9 @@ def check_identity(experiment: Experiment, sidecar: Mapping[str, Any], run_dir: 
 
 
 def find_twin(settings: Settings, experiment: Experiment) -> Experiment | None:
-    """The float twin: same model, loss, loss weights and noise, quantizer none."""
-    for e in settings.experiments:
-        if (e.name != experiment.name and not e.quantized and e.model == experiment.model and e.loss == experiment.loss
-                and e.noise == experiment.noise and e.resolved_loss_params() == experiment.resolved_loss_params()):
-            return e
-    return None
+    """The float twin (config.float_twin; declared as runs/<twin> in dvc.yaml), or None."""
+    name = config.float_twin(settings.experiments, experiment)
+    return None if name == experiment.name else settings.experiment(name)
 
 
 def load_twin(settings: Settings, experiment: Experiment, run_dir: Path, device: torch.device,

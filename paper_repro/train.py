@@ -99,8 +99,9 @@ def trajectory(settings: Settings, experiment: Experiment, data_md5: str | None,
         train.pop("epochs", None)
     if amp is None:  # the value on CPU, where only bf16 switches autocast on
         amp = settings.train.amp == "bf16"
+    exp = {k: v for k, v in config.to_dict(experiment).items() if k != "twin"}  # evaluation only
     out = {**_flat("train", train), "train.amp (in effect)": bool(amp),
-           **_flat("experiment", config.to_dict(experiment)), "data.archive_md5": data_md5,
+           **_flat("experiment", exp), "data.archive_md5": data_md5,
            "data.val_size": settings.data.val_size, "data.split_seed": settings.data.split_seed}
     return json.loads(json.dumps(out, sort_keys=True))  # as it reads back from a sidecar
 

@@ -52,3 +52,22 @@ def test_gpu_profile_is_the_paper_grid_on_full_data_with_the_paper_attack():
     assert t.relax.hard_epoch == round(paper.train.relax.hard_epoch * scale)
     eta_paper = paper.train.relax.rho ** (paper.train.relax.hard_epoch - 1)  # eta of the last phase-1 epoch
     assert abs(t.relax.rho ** (t.relax.hard_epoch - 1) / eta_paper - 1) < 0.01
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=[str(p.relative_to(ROOT)) for p in PROFILES])
+def test_every_experiment_names_its_float_twin_for_dvc(path: Path):
+    """dvc.yaml makes runs/<twin>/deployed.safetensors a dependency of evaluate@<name> (issue 12): every
+    experiment of a DVC profile spells its twin out, and it is the one the transfer check uses."""
+    settings = config.load(path)
+    for e in settings.experiments:
+        assert e.twin == config.float_twin(settings.experiments, e), e.name
+    dvc = yaml.safe_load((path.parent / "dvc.yaml").read_text())
+    assert "runs/${item.twin}/deployed.safetensors" in dvc["stages"]["evaluate"]["do"]["deps"]
+
+
+def test_a_wrong_twin_is_a_load_error():
+    raw = {"experiments": {"f": {"model": "resnet8"}, "q": {"model": "resnet8", "quantizer": "binary", "twin": "q"}}}
+    with pytest.raises(config.ConfigError, match="experiments.q.twin must be 'f', the float run of the same model"):
+        config.from_dict(raw)
+    raw["experiments"]["q"]["twin"] = "f"
+    assert config.from_dict(raw).experiment("q").twin == "f"
