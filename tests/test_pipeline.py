@@ -136,7 +136,7 @@ def test_a_code_default_change_reruns_exactly_the_stages_that_import_it(workspac
     """Every code dependency is declared: editing a module shows exactly the stages importing it as changed."""
     repo, env = workspace["repo"], workspace["env"]
     assert dvc_changed(repo / PROFILE, env) == set()
-    for module, expected in (("paper_repro/stats.py", {"verify", "report"}),
+    for module, expected in (("paper_repro/checks.py", {"verify", "report"}),
                              ("paper_repro/config.py", None)):
         path = repo / module
         original = path.read_text()
