@@ -9,7 +9,7 @@ Reproducibility: every random stream (data order, augmentation, attack start, mo
 at the start of each epoch from (train.seed, epoch), so ``--resume`` from an epoch checkpoint repeats
 an uninterrupted run exactly on CPU.
 
-Crash safety (issue 17): one training at a time owns the run folder (runtime.RunLock); the folder is
+Crash safety (issue 17; the rules live in run_state.py): one training at a time owns the run folder (runtime.RunLock); the folder is
 marked INCOMPLETE until train.json is written, and a fresh start removes the previous run's files
 first; every checkpoint is written as a weights/sidecar unit that ``checkpoint.recover`` completes or
 drops after a crash; no non-finite parameter or buffer is ever saved or selected; the DVCLive log is
@@ -20,8 +20,6 @@ process at chosen points for tests/test_faults.py; unset, it does nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import platform
 import shutil
@@ -33,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import atomic, checkpoint, config
-from .config import ConfigError, Experiment, Settings
+from .config import Experiment, Settings
 from .data import load_prepared, provenance, validation_split
 from .loader import DeviceLoader, pick_device
 from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, autocast, channels_last_for, device_name,
@@ -42,21 +40,16 @@ from .losses import Objective, objective_for
 from .models import build
 from .models.enresnet import derive_seed
 from .quant import BinaryRelax
+from .run_state import (ResumeError, SettingsChanged, TrainingDiverged, execution, fingerprint, last_good,
+                        legacy_fingerprint, load_state, mark_incomplete, non_finite, recover_folder, resume_notes,
+                        save_selected, save_state, start_fresh, state_tensors, trajectory)
 from .attacks import pgd
 
 CHECK_FINITE_EVERY = 25  # steps between (syncing) checks that the loss is finite
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good epoch checkpoint is kept."""
-
-
 class BudgetReached(RuntimeError):
     """--time-budget: stopped at an epoch boundary, state saved; the next call continues with --resume."""
-
-
-class SettingsChanged(ConfigError):
-    """--resume found a saved state trained with settings that change the trajectory (exit 2, one line)."""
 
 
 #: The points where ``runtime.fault`` can kill a training (PAPER_REPRO_FAULT=POINT:EPOCH, tests only):
@@ -68,96 +61,8 @@ FAULT_POINTS = ("epoch-start", *(f"{c}-{s}" for c in ("float", "deployed", "stat
                                  for s in ("weights-tmp", "staged", "committed", "weights")),
                 "after-state", "after-log", "summary")
 
-#: train.* settings that do not change what is computed, only where and how fast: a resume across a
-#: change of them continues (and says so). ``amp`` enters the trajectory as its effective value (bf16
-#: autocast on or off for the device), ``epochs`` only for the one-cycle schedule (see ``trajectory``).
-EXECUTION_SETTINGS = ("device", "amp", "channels_last", "compile")
-
 
 # --------------------------------------------------------------------------- set-up
-def _flat(prefix: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(f"{prefix}.{k}", v))
-        return out
-    return {prefix: value}
-
-
-def trajectory(settings: Settings, experiment: Experiment, data_md5: str | None, amp: bool | None = None
-               ) -> dict[str, Any]:
-    """Every setting that changes the sequence of weights (or the selection), flattened to dotted keys:
-    what a resumed run must share with the run it continues. Left out: the execution settings (device,
-    channels_last, compile, and amp except through its effect), and train.epochs under the step schedule,
-    whose milestones are absolute epochs, so that a longer run repeats a shorter one epoch for epoch
-    (extending train.epochs continues a run). The one-cycle learning rate depends on train.epochs at
-    every step, so there it is part of the trajectory."""
-    train = config.to_dict(settings.train)
-    for key in EXECUTION_SETTINGS:
-        train.pop(key, None)
-    if settings.train.schedule != "onecycle":
-        train.pop("epochs", None)
-    if amp is None:  # the value on CPU, where only bf16 switches autocast on
-        amp = settings.train.amp == "bf16"
-    exp = {k: v for k, v in config.to_dict(experiment).items() if k != "twin"}  # evaluation only
-    out = {**_flat("train", train), "train.amp (in effect)": bool(amp),
-           **_flat("experiment", exp), "data.archive_md5": data_md5,
-           "data.val_size": settings.data.val_size, "data.split_seed": settings.data.split_seed}
-    return json.loads(json.dumps(out, sort_keys=True))  # as it reads back from a sidecar
-
-
-def fingerprint(settings: Settings, experiment: Experiment, data_md5: str | None, amp: bool | None = None) -> str:
-    """Hash of ``trajectory``: equal fingerprints, same training."""
-    blob = json.dumps(trajectory(settings, experiment, data_md5, amp), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def legacy_fingerprint(settings: Settings, experiment: Experiment, data_md5: str | None) -> str:
-    """The fingerprint of states saved before issue 17 (every train.* setting): such a state resumes
-    only under exactly its settings, as before."""
-    blob = json.dumps({"train": config.to_dict(settings.train), "experiment": config.to_dict(experiment),
-                       "data": data_md5, "val": [settings.data.val_size, settings.data.split_seed]},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def execution(settings: Settings, device: torch.device) -> dict[str, Any]:
-    """The execution settings of this call (recorded in the state; compared, not required, on resume)."""
-    t = settings.train
-    return {"device": device.type, **{f"train.{k}": getattr(t, k) for k in EXECUTION_SETTINGS}}
-
-
-def resume_notes(saved: dict[str, Any], traj: dict[str, Any], legacy_fp: str, settings: Settings,
-                 exec_now: dict[str, Any], state: Path) -> tuple[list[str], list[str]]:
-    """(differences that change the trajectory, notes to print) between a saved state and this call."""
-    t = settings.train
-    done = int(saved.get("epochs_done", 0))
-    diffs: list[str] = []
-    if "trajectory" in saved:
-        old = saved["trajectory"]
-        for key in sorted(set(old) | set(traj)):
-            if old.get(key, "<unset>") != traj.get(key, "<unset>"):
-                diffs.append(f"{key}: {old.get(key, '<unset>')!r} -> {traj.get(key, '<unset>')!r}")
-        if t.schedule == "onecycle" and any(d.startswith("train.epochs:") for d in diffs):
-            diffs.append("(the one-cycle learning rate depends on train.epochs at every step, so the finished "
-                         "epochs followed another schedule)")
-    elif saved.get("fingerprint") != legacy_fp:
-        diffs.append("settings differ from those of a state saved by an earlier version (not itemised: it "
-                     "recorded only their hash)")
-    if not diffs and done > t.epochs:
-        diffs.append(f"train.epochs is {t.epochs} but {done} epochs are finished (raise train.epochs to >= {done})")
-    notes = []
-    before = saved.get("epochs")
-    if not diffs and before is not None and before != t.epochs:
-        notes.append(f"train.epochs {before} -> {t.epochs}: continuing after epoch {done}; the step schedule's "
-                     f"milestones {list(t.milestones)} are absolute epochs, so the finished epochs are exactly those "
-                     f"of a {t.epochs}-epoch run and the remaining ones follow that run's schedule")
-    old_exec = saved.get("execution") or {}
-    changed = [f"{k}: {old_exec[k]!r} -> {v!r}" for k, v in exec_now.items() if k in old_exec and old_exec[k] != v]
-    if not diffs and changed:
-        notes.append(f"execution settings differ from the saved state's ({'; '.join(changed)}): they do not change "
-                     f"the training trajectory (results may differ in floating-point rounding); continuing")
-    return diffs, notes
 
 
 def lr_at(epoch: float, settings: Settings) -> float:
@@ -285,114 +190,9 @@ def validate(model: torch.nn.Module, relax: BinaryRelax, x_val: torch.Tensor, y_
 
 
 # --------------------------------------------------------------------------- checkpoints
-def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an infinity (one device sync)."""
-    names = [k for k, v in tensors.items() if v.is_floating_point()]
-    if not names:
-        return []
-    ok = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).cpu()
-    return [k for k, good in zip(names, ok.tolist()) if not good]
-
-
-def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Parameters, buffers (BatchNorm statistics) and momentum buffers: what the resume state holds."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for i, p in enumerate(optimizer.param_groups[0]["params"]):
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            tensors[f"optimizer.{i}.momentum_buffer"] = buf
-    return tensors
-
-
-def _require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    bad = non_finite(tensors)
-    if bad:  # never reached after the check in train(); a last guard that nothing non-finite is written
-        raise TrainingDiverged(f"refusing to save {what}: non-finite {', '.join(bad[:3])}")
-
-
-def _steps(which: str, epoch: int | None) -> Any:
-    return None if epoch is None else (lambda step: fault(f"{which}-{step}", epoch))
-
-
-def save_state(paths: RunPaths, model: torch.nn.Module, optimizer: torch.optim.Optimizer, relax: BinaryRelax,
-               record: dict[str, Any], epoch: int | None = None) -> None:
-    tensors = state_tensors(model, optimizer)
-    _require_finite(tensors, f"the resume state {paths.state}")
-    checkpoint.save(paths.state, tensors, {**record, "relax": relax.state_dict(), "kind": "resume-state"},
-                    on_step=_steps("state", epoch))
-
-
-def load_state(paths: RunPaths, model: torch.nn.Module, optimizer: torch.optim.Optimizer, relax: BinaryRelax,
-               device: torch.device) -> dict[str, Any]:
-    tensors, record = checkpoint.load(paths.state, device=device)
-    bad = non_finite(tensors)
-    if bad:
-        raise ResumeError(f"the saved state {paths.state} holds non-finite values ({', '.join(bad[:3])}): it cannot be "
-                          f"continued; rerun with --restart to start again")
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    for i, p in enumerate(optimizer.param_groups[0]["params"]):
-        key = f"optimizer.{i}.momentum_buffer"
-        if key in tensors:
-            optimizer.state[p]["momentum_buffer"] = tensors[key].clone()
-    relax.load_state_dict(record["relax"])
-    return record
-
-
-def save_selected(paths: RunPaths, model: torch.nn.Module, relax: BinaryRelax, sidecar: dict[str, Any],
-                  epoch: int | None = None) -> None:
-    weights, deployed = model.state_dict(), relax.deployed_tensors()
-    _require_finite({**weights, **{f"deployed.{k}": v for k, v in deployed.items()}}, "the selected model")
-    checkpoint.save(paths.float_weights, weights, {**sidecar, "kind": "float"}, on_step=_steps("float", epoch))
-    checkpoint.save(paths.deployed, deployed, {**sidecar, "kind": "deployed"}, on_step=_steps("deployed", epoch))
-
-
-class ResumeError(ConfigError):
-    """--resume cannot continue the saved state (unreadable or non-finite); --restart starts again."""
 
 
 # --------------------------------------------------------------------------- the run folder
-def recover_folder(paths: RunPaths) -> list[str]:
-    """After a crash: finish or drop interrupted checkpoint saves, delete temp files of interrupted
-    writes. Called with the run lock held."""
-    notes = [n for ck in (paths.state, paths.float_weights, paths.deployed) if ck.parent.is_dir()
-             for n in [checkpoint.recover(ck)] if n]
-    removed = atomic.remove_temporaries(paths.root)
-    if removed:
-        notes.append(f"removed {len(removed)} temporary file(s) of interrupted writes: "
-                     f"{', '.join(str(r) for r in removed[:3])}{'...' if len(removed) > 3 else ''}")
-    return notes
-
-
-def start_fresh(paths: RunPaths, name: str) -> None:
-    """Mark the folder incomplete, then remove the previous run's files (state, selected models,
-    train.json): from here on it holds this run's files only."""
-    mark_incomplete(paths, name)
-    for out in paths.outputs():
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink(missing_ok=True)
-    for leftover in paths.root.glob(".*.pending"):
-        leftover.unlink(missing_ok=True)
-
-
-def mark_incomplete(paths: RunPaths, name: str) -> None:
-    if not paths.incomplete.is_file():
-        atomic.write_text(paths.incomplete, f"{paths.root} does not hold a finished training of {name} (in progress, "
-                                            f"stopped or diverged): continue it with `python -m paper_repro train -e "
-                                            f"{name} --resume`; evaluate refuses this folder until then\n")
-
-
-def last_good(paths: RunPaths, record: dict[str, Any]) -> str:
-    """What a diverged run keeps on disk (what the state file really holds)."""
-    done = record["epochs_done"]
-    if done == 0:
-        return ("no epoch finished with finite weights, so nothing is saved; lower train.lr or check the data, "
-                "then train again")
-    best = record.get("best")
-    selected = f"; the selected model ({paths.deployed}) is epoch {best['epoch']}" if best else ""
-    return (f"the last good state is the end of epoch {done} ({paths.state}, all finite){selected}; lower train.lr "
-            f"or check the data, then rerun with --resume --restart")
 
 
 def run_sidecar(settings: Settings, experiment: Experiment, model: torch.nn.Module, relax: BinaryRelax,
