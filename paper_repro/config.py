@@ -300,9 +300,10 @@ class Experiment:
     quantizer_options: dict[str, Any] = field(default_factory=dict)
     noise: bool = True
     dataset: str | None = None   # null: the profile's data.dataset
-    #: The float twin whose model the transfer check attacks (float_twin); the name itself when the run is full
-    #: precision or has none. Written out in the profiles' params because dvc.yaml declares runs/<twin> a
-    #: dependency of evaluate@<name> (retraining the twin reruns the check); not part of the training.
+    #: The float twin whose model the transfer check attacks (the profiles write float_twin's answer; a test keeps
+    #: them equal); the name itself when the run is full precision or has none; null: float_twin decides. Written
+    #: out because dvc.yaml declares runs/<twin> a dependency of evaluate@<name> (retraining the twin reruns the
+    #: check). Overrides that change a model keep the named twin. Not part of the training.
     twin: str | None = None
 
     def validate(self, at: str) -> None:
@@ -362,11 +363,10 @@ class Settings:
         _check(not dupes, f"experiments: duplicate names {dupes}")
         for e in self.experiments:
             e.validate(f"experiments.{e.name}")
-            expected = float_twin(self.experiments, e)
-            _check(e.twin is None or e.twin == expected,
-                   f"experiments.{e.name}.twin must be {expected!r}, "
-                   + ("the name itself (no float run of the same model, loss, loss weights and noise)"
-                      if expected == e.name else "the float run of the same model, loss, loss weights and noise"))
+            floats = {x.name for x in self.experiments if not x.quantized}
+            _check(e.twin is None or e.twin == e.name or e.twin in floats,
+                   f"experiments.{e.name}.twin must be the name of a full-precision experiment or {e.name!r} itself, "
+                   f"got {e.twin!r} (the profiles write config.float_twin there: tests/test_params.py)")
 
     def experiment(self, name: str) -> Experiment:
         for e in self.experiments:

@@ -87,8 +87,8 @@ def check_identity(experiment: Experiment, sidecar: Mapping[str, Any], run_dir: 
 
 
 def find_twin(settings: Settings, experiment: Experiment) -> Experiment | None:
-    """The float twin (config.float_twin; declared as runs/<twin> in dvc.yaml), or None."""
-    name = config.float_twin(settings.experiments, experiment)
+    """The float twin the params name (declared as runs/<twin> in dvc.yaml), else config.float_twin's, or None."""
+    name = experiment.twin or config.float_twin(settings.experiments, experiment)
     return None if name == experiment.name else settings.experiment(name)
 
 

@@ -66,8 +66,11 @@ def test_every_experiment_names_its_float_twin_for_dvc(path: Path):
 
 
 def test_a_wrong_twin_is_a_load_error():
-    raw = {"experiments": {"f": {"model": "resnet8"}, "q": {"model": "resnet8", "quantizer": "binary", "twin": "q"}}}
-    with pytest.raises(config.ConfigError, match="experiments.q.twin must be 'f', the float run of the same model"):
+    raw = {"experiments": {"f": {"model": "resnet8"}, "g": {"model": "resnet8", "quantizer": "ternary"},
+                           "q": {"model": "resnet8", "quantizer": "binary", "twin": "g"}}}
+    with pytest.raises(config.ConfigError, match="experiments.q.twin must be the name of a full-precision experiment"):
         config.from_dict(raw)
-    raw["experiments"]["q"]["twin"] = "f"
-    assert config.from_dict(raw).experiment("q").twin == "f"
+    for twin in ("f", "q"):
+        raw["experiments"]["q"]["twin"] = twin
+        assert config.from_dict(raw).experiment("q").twin == twin
+    assert config.float_twin(config.from_dict(raw).experiments, config.from_dict(raw).experiment("q")) == "f"
