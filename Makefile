@@ -21,7 +21,7 @@ endif
 # Pipeline commands run with the .venv first on PATH (python, dvc, papermill, jupyter).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup results smoke cpu paper test test-fast bench gpu-check lock clean clean-all standin
+.PHONY: help setup results smoke cpu paper test test-fast bench gpu-check params lock clean clean-all standin
 help:
 	@echo "make results  set up .venv and rebuild every table, figure and notebook from the published results/cpu (minutes, no data)"
 	@echo "make smoke    set up .venv and run the main job: the smoke profile end to end (minutes, CPU)"
@@ -31,6 +31,7 @@ help:
 	@echo "make bench    time training steps against a plain baseline (repeated; writes reports/bench.json)"
 	@echo "make gpu-check  everything that needs CUDA in <= 8 min, report in $(GPU_CHECK_OUT)/ (docs/gpu.md)"
 	@echo "make standin  build the offline CIFAR-10 stand-in from $(SHARED)/data (not official data)"
+	@echo "make params   write every setting a profile's params.yaml leaves to a code default into it (comments kept)"
 	@echo "make lock     rewrite requirements.lock from the current .venv"
 	@echo "make clean    remove outputs of the pipeline (keeps .venv and data/)"
 
@@ -93,6 +94,10 @@ bench: $(STAMP)
 GPU_CHECK_OUT ?= reports/gpu-check
 gpu-check: $(STAMP) $(NEED_STANDIN)
 	$(PY) -m paper_repro gpu-check --out $(GPU_CHECK_OUT) --budget-s 480
+
+# Every profile file writes out every setting in effect (DVC tracks values in files, not code defaults).
+params: $(STAMP)
+	$(PY) -m paper_repro params --write --all
 
 lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v -i '^paper-repro' | \

@@ -21,6 +21,7 @@ COMMANDS = {
     "publish": ("paper_repro.publish", "write the committed bundle results/<profile>/ (or the README results block)"),
     "grid": ("paper_repro.grid", "train and evaluate every out-of-date experiment as parallel jobs, then dvc commit"),
     "bench": ("paper_repro.bench", "time training steps: our loop versus a plain baseline loop"),
+    "params": ("paper_repro.params", "check or write out every setting a params.yaml leaves to a code default"),
     "gpu-check": ("paper_repro.gpu_check", "everything that needs CUDA in one timed, fail-soft run: report to --out DIR"),
 }
 

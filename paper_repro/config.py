@@ -389,6 +389,17 @@ def float_twin(experiments: list[Experiment], experiment: Experiment) -> str:
     return experiment.name
 
 
+def changed_options(experiment: Experiment) -> dict[str, dict[str, Any]]:
+    """``loss_params`` and ``quantizer_options`` in effect, less the entries equal to their defaults (how the
+    training trajectory records them: writing a default out changes no run)."""
+    loss_defaults = LOSS_DEFAULTS[experiment.loss]
+    option_defaults = QUANTIZER_OPTIONS[experiment.quantizer]
+    return {"loss_params": {k: v for k, v in experiment.resolved_loss_params().items() if loss_defaults.get(k) != v},
+            "quantizer_options": {k: v for k, v in quantizer_options(experiment.quantizer,
+                                                                     experiment.quantizer_options).items()
+                                  if option_defaults.get(k) != v}}
+
+
 def quantizer_options(scheme: str | None, options: dict[str, Any]) -> dict[str, Any]:
     """A scheme's options with defaults filled in; ValueError naming what is wrong (unknown scheme or option,
     a bad value). Torch-free so that params are checked at load, not when training starts."""

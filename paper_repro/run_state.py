@@ -51,7 +51,9 @@ def trajectory(settings: Settings, experiment: Experiment, data_md5: str | None,
     channels_last, compile, and amp except through its effect), and train.epochs under the step schedule,
     whose milestones are absolute epochs, so that a longer run repeats a shorter one epoch for epoch
     (extending train.epochs continues a run). The one-cycle learning rate depends on train.epochs at
-    every step, so there it is part of the trajectory."""
+    every step, so there it is part of the trajectory. The loss weights and quantizer options enter as their
+    changes from the defaults, so a file that writes the defaults out (``params --write``) trains, and resumes,
+    the run of a file that left them to the code."""
     train = config.to_dict(settings.train)
     for key in EXECUTION_SETTINGS:
         train.pop(key, None)
@@ -60,6 +62,7 @@ def trajectory(settings: Settings, experiment: Experiment, data_md5: str | None,
     if amp is None:  # the value on CPU, where only bf16 switches autocast on
         amp = settings.train.amp == "bf16"
     exp = {k: v for k, v in config.to_dict(experiment).items() if k != "twin"}  # evaluation only
+    exp.update(config.changed_options(experiment))
     out = {**_flat("train", train), "train.amp (in effect)": bool(amp),
            **_flat("experiment", exp), "data.archive_md5": data_md5,
            "data.val_size": settings.data.val_size, "data.split_seed": settings.data.split_seed}

@@ -1,5 +1,5 @@
-"""Every value in effect is in a tracked file (issue 12): the cpu profile lists every setting the code
-has, so a default that changes in code cannot silently change its results; every profile loads."""
+"""Every value in effect is in a tracked file (issue 12): every profile writes out every setting the code
+has, so a default that changes in code cannot silently change a result; every profile loads."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paper_repro import config
+from paper_repro import config, params
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*/params.yaml"))]
@@ -20,19 +20,54 @@ def test_every_profile_loads(path: Path):
     assert settings.experiments, f"{path} lists no experiment"
 
 
-@pytest.mark.parametrize("profile", ["cpu", "gpu"])
-def test_profile_lists_every_setting(profile):
-    raw = yaml.safe_load((ROOT / "profiles" / profile / "params.yaml").read_text())
-    hints = {"data": config.DataSettings, "train": config.TrainSettings, "evaluate": config.EvaluateSettings}
-    missing = []
-    for section, cls in hints.items():
-        for f in dataclasses.fields(cls):
-            if f.name not in raw[section]:
-                missing.append(f"{section}.{f.name}")
-    for name in ("pgd", "val_attack", "relax"):
-        sub = {"pgd": config.AttackSettings, "val_attack": config.AttackSettings, "relax": config.RelaxSettings}[name]
-        missing += [f"train.{name}.{f.name}" for f in dataclasses.fields(sub) if f.name not in raw["train"][name]]
-    assert not missing, f"profiles/{profile}/params.yaml relies on code defaults for {missing}: list them"
+@pytest.mark.parametrize("path", PROFILES, ids=[str(p.relative_to(ROOT)) for p in PROFILES])
+def test_profile_writes_every_setting_in_effect(path: Path):
+    """`params --check`: no setting of any profile (nested attack options, each experiment's loss weights and
+    quantizer options included) is left to a code default; `make params` writes the missing ones."""
+    missing = params.check(path)
+    assert not missing, f"{path.relative_to(ROOT)} leaves {missing} to code defaults: run `make params`"
+
+
+def test_check_names_a_removed_setting_and_write_restores_it_keeping_comments(tmp_path: Path):
+    text = (ROOT / "params.yaml").read_text()
+    cut = (text.replace("  momentum: 0.9\n", "", 1)
+               .replace(", loss_params: {w_adv: 8.0, w_nat: 1.0}", "", 1)
+               .replace(" eot: 10, noise: true,", " eot: 10,", 1))
+    assert cut.count("\n") < text.count("\n") and len(cut) < len(text) - 50
+    target = tmp_path / "params.yaml"
+    target.write_text(cut)
+    before = config.load(target)
+    missing = params.check(target)
+    assert "train.momentum" in missing and "evaluate.audit_attacks.pgd50_eot.noise" in missing
+    assert any(k.startswith("experiments.") and k.endswith(".loss_params") for k in missing)
+    added = params.write(target)
+    assert sorted(added) == sorted(missing) and params.check(target) == []
+    assert params.resolved(config.load(target)) == params.resolved(before)   # the settings in effect did not change
+    assert "# Paper profile" in target.read_text()             # comments survive the round trip
+    assert params.write(target) == []                          # a complete file is left alone
+
+
+def test_a_new_code_setting_fails_the_check(monkeypatch):
+    """Drift: a setting added in code (here, a new train field with a default) is missing from every profile."""
+    @dataclasses.dataclass(frozen=True)
+    class extended(config.TrainSettings):  # noqa: N801 - stands in for the class
+        new_knob: int = 3
+
+    monkeypatch.setattr(config, "TrainSettings", extended)  # what Settings' "TrainSettings" annotation resolves to
+    assert "train.new_knob" in params.check(ROOT / "params.yaml")
+
+
+def test_writing_the_defaults_out_keeps_the_training_trajectory():
+    """A state saved when the file left the trade-off weights and ternary scale to the code resumes after
+    `params --write` wrote them out (the trajectory records changes from the defaults)."""
+    from paper_repro.run_state import trajectory
+    settings = config.load(ROOT / "profiles" / "smoke" / "params.yaml")
+    filled = settings.experiment("en1resnet20-ternary-br-tradeoff")
+    assert filled.loss_params and filled.quantizer_options          # the file writes them out
+    bare = dataclasses.replace(filled, loss_params={}, quantizer_options={})
+    assert trajectory(settings, filled, "md5") == trajectory(settings, bare, "md5")
+    changed = dataclasses.replace(filled, loss_params={"w_adv": 4.0, "w_nat": 1.0})
+    assert trajectory(settings, changed, "md5") != trajectory(settings, bare, "md5")
 
 
 def test_gpu_profile_is_the_paper_grid_on_full_data_with_the_paper_attack():
