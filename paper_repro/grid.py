@@ -50,12 +50,24 @@ class Job:
         return LOG_DIR / f"{self.stage}-{self.experiment}.log"
 
 
+#: Forward MACs per image relative to ResNet20 (models/flops.count_macs: 41 M): WRN-34-10 6.3 G per 30 depth units
+#: at widen 1 scaled by widen^2; VGG-11/13/16/19 on 32x32 inputs.
+WRN_MACS_PER_WIDEN2 = 6.3e9 / 41e6 / 100
+VGG_MACS = {11: 3.7, 13: 5.6, 16: 7.7, 19: 9.7}
+
+
 def relative_cost(e: Experiment) -> float:
-    """Rough training cost (passes per image), to start the longest jobs first and balance workers."""
-    members = int(e.model[2:e.model.index("resnet")] or 1) if e.model.startswith("en") else 1
-    depth = int(e.model.split("resnet")[1])
+    """Rough training cost (ResNet20-image passes per image), to start the longest jobs first and balance
+    workers: ensemble members x forward MACs x passes of the loss (PGD-10 AT: attack + update)."""
     passes = {"natural": 1.0, "pgd_at": 4.0, "tradeoff": 5.0, "trades": 5.0}[e.loss]
-    return members * depth / 20 * passes
+    resnet, wrn, vgg = (pattern.match(e.model) for pattern in (config.RESNET_NAME, config.WRN_NAME, config.VGG_NAME))
+    if resnet is not None:
+        size = int(resnet["k"] or 1) * int(resnet["depth"]) / 20
+    elif wrn is not None:
+        size = int(wrn["k"] or 1) * (int(wrn["depth"]) - 4) / 30 * int(wrn["widen"]) ** 2 * WRN_MACS_PER_WIDEN2
+    else:
+        size = VGG_MACS[int(vgg["depth"])] if vgg is not None else 1.0
+    return size * passes
 
 
 def outdated(stages: Sequence[str], dvc: str = "dvc") -> set[str] | None:
