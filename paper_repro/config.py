@@ -127,7 +127,9 @@ class TrainSettings:
     device: str = "auto"
     amp: Literal["auto", "bf16", "off"] = "auto"
     channels_last: bool = True
-    compile: bool = False
+    #: torch.compile of the network: none, or a torch.compile mode; reduce-overhead adds CUDA graphs (the GPU
+    #: bench's 4.2x on a ResNet20 PGD-10 step). An execution setting: a resume may change it.
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
 
     def validate(self, at: str) -> None:
         _check(self.epochs >= 1, f"{at}.epochs must be >= 1, got {self.epochs}")

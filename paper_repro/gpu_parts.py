@@ -18,6 +18,7 @@ import sys
 import tarfile
 import time
 import xml.etree.ElementTree as ET
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,33 @@ def part_train(part: Part) -> None:
         runs[name] = {"model": settings.experiment(name).model, **run_figures(run_dir, cuda),
                       "stopped_by_budget": stopped, "budget_s": round(share, 1)}
         part.save(experiments=runs)
+    if names and runs.get(names[0], {}).get("epoch_wall_s"):
+        part.save(compiled=train_compiled(part, settings, names[0], runs[names[0]]))
+
+
+def train_compiled(part: Part, settings: config.Settings, name: str, eager: dict[str, Any]) -> dict[str, Any]:
+    """The first run again under train.compile (reduce-overhead: CUDA graphs; default on the CPU), the same epochs:
+    its last epoch against the eager run's (the first epoch pays for compiling)."""
+    import torch
+    from . import train as train_mod
+    cuda = torch.cuda.is_available() and settings.train.device != "cpu"
+    mode = "reduce-overhead" if cuda else "default"
+    share = part.remaining() - 10
+    if share < 2 * eager["epoch_wall_s"]:
+        return {"experiment": name, "mode": mode, "skipped": f"{share:.0f} s left, under two eager epochs"}
+    compiled = dataclasses.replace(settings, train=dataclasses.replace(settings.train, compile=mode))
+    run_dir = part.out / "train" / f"{name}-compiled"
+    stopped = None
+    try:
+        train_mod.train(compiled, compiled.experiment(name), run_dir, quiet=True,
+                        live_dir=part.out / "train" / "live" / f"{name}-compiled", time_budget=share)
+    except train_mod.BudgetReached as e:
+        stopped = str(e)
+    figures = run_figures(run_dir, cuda)
+    ratio = (figures["last_epoch_images_per_s"] / eager["last_epoch_images_per_s"]
+             if figures.get("last_epoch_images_per_s") and eager.get("last_epoch_images_per_s") else None)
+    return {"experiment": name, "mode": mode, **figures, "stopped_by_budget": stopped,
+            "speedup_last_epoch": round(ratio, 2) if ratio else None}
 
 
 def run_figures(run_dir: Path, cuda: bool) -> dict[str, Any]:
@@ -281,6 +309,7 @@ def run_figures(run_dir: Path, cuda: bool) -> dict[str, Any]:
     figures = {"epochs_done": record.get("epochs_done", 0),
                "val_natural_acc": last.get("val_natural_acc"), "val_pgd_acc": last.get("val_pgd_acc"),
                "train_images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
+               "last_epoch_images_per_s": round(last["images_per_s"], 1) if last else None,
                "epoch_wall_s": round(record["wall_s"] / record["epochs_done"], 2) if record.get("epochs_done") else None}
     if cuda:
         figures.update(peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), memory="CUDA allocated")

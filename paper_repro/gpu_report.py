@@ -187,7 +187,23 @@ def _train(part: dict[str, Any] | None) -> list[str]:
             if not f.get("skipped")]
     return [f"## Short training ({r.get('train_images', '?')} training images, up to {r.get('epochs')} epochs)", ""] + \
         _table(["experiment", "epochs", "val natural %", "val PGD %", "train img/s", "epoch s (with val)",
-                "peak memory", "ended by"], rows) + (skipped + [""] if skipped else [])
+                "peak memory", "ended by"], rows) + (skipped + [""] if skipped else []) + _compiled(r)
+
+
+def _compiled(r: dict[str, Any]) -> list[str]:
+    """The first run again under train.compile: last epoch against the eager run's last epoch."""
+    c = r.get("compiled")
+    if not c:
+        return []
+    head = f"Under `train.compile: {c['mode']}` ({c['experiment']}):"
+    if c.get("skipped"):
+        return [f"{head} skipped, {c['skipped']}.", ""]
+    eager = (r.get("experiments") or {}).get(c["experiment"], {})
+    return [f"{head} last epoch {_fmt(c.get('last_epoch_images_per_s'))} img/s against eager "
+            f"{_fmt(eager.get('last_epoch_images_per_s'))} img/s (x{_fmt(c.get('speedup_last_epoch'), 2)}); "
+            f"{c.get('epochs_done')} epoch(s), mean {_fmt(c.get('train_images_per_s'))} img/s with the compiling first "
+            f"epoch; val natural {_fmt(c.get('val_natural_acc'))}%, PGD {_fmt(c.get('val_pgd_acc'))}% (eager "
+            f"{_fmt(eager.get('val_natural_acc'))}%, {_fmt(eager.get('val_pgd_acc'))}%).", ""]
 
 
 def _columns(part: dict[str, Any] | None) -> list[str]:

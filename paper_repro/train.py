@@ -243,8 +243,8 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
                                 nesterov=t.nesterov)
     objective = objective_for(experiment, t.pgd)
     amp = use_amp(settings, device)
-    if t.compile and device.type == "cuda":
-        model.forward = torch.compile(model.forward)
+    if t.compile != "none":  # the module keeps its state-dict keys; attack, training and validation run compiled
+        model.forward = torch.compile(model.forward, mode=None if t.compile == "default" else t.compile)
     no_phase2 = warn_no_phase2(settings, experiment)
     if no_phase2:
         print(no_phase2, flush=True)

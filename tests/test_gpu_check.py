@@ -50,6 +50,9 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     for run in runs.values():
         assert run["epochs_done"] == 1 and run["val_pgd_acc"] is not None and run["train_images_per_s"] > 0
         assert run["peak_memory_gib"] > 0
+    compiled = r["train"]["compiled"]  # the first run again under train.compile (default on the CPU)
+    assert compiled["experiment"] == "resnet20-fp-pgd_at" and compiled["mode"] == "default"
+    assert compiled["epochs_done"] == 1 and compiled["speedup_last_epoch"] > 0
     columns = r["columns"]["columns"]
     assert [c["column"] for c in columns.values()] == ["A1", "A2", "A3", "A4"]
     assert r["columns"]["amp"] == "fp32" and r["columns"]["images"] == 20 and "trained" in r["columns"]["model"]
@@ -58,6 +61,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     for heading in ("Dry run on the CPU", "## Parts", "## CUDA-only tests", "## bench", "## Short training",
                     "## Paper columns A1-A4", "## Paper-grid estimate"):
         assert heading in md
+    assert "Under `train.compile: default` (resnet20-fp-pgd_at): last epoch" in md
 
 
 def test_a_failing_part_is_reported_and_its_dependents_skipped(tmp_path):

@@ -124,7 +124,7 @@ def test_resume_ignores_execution_settings_and_extends_epochs(tmp_path, prepared
     short = settings_for(prepared_dir, epochs=1, device="auto", amp="auto", **base)
     train_mod.train(short, short.experiment(SMALL), tmp_path / "run", quiet=True, live_dir=tmp_path / "l2")
     capsys.readouterr()
-    longer = settings_for(prepared_dir, epochs=2, device="cpu", amp="off", compile=True, **base)
+    longer = settings_for(prepared_dir, epochs=2, device="cpu", amp="off", **base)
     train_mod.train(longer, longer.experiment(SMALL), tmp_path / "run", resume=True, quiet=True,
                     live_dir=tmp_path / "l2")
     out = capsys.readouterr().out
@@ -137,6 +137,32 @@ def test_resume_ignores_execution_settings_and_extends_epochs(tmp_path, prepared
     train_mod.train(layout, layout.experiment(SMALL), tmp_path / "run", resume=True, quiet=True,
                     live_dir=tmp_path / "l2")
     assert "train.channels_last: True -> False" in capsys.readouterr().out
+
+
+def test_compiled_training_follows_the_eager_one(tmp_path, prepared_dir):
+    """train.compile (issue 14): the network under torch.compile trains the same run as eager (within float
+    tolerance: the compiler fuses and reorders), through the EnResNet noise, the attack, BinaryRelax's weight
+    swaps and the validation; the saved keys are the module's. A resume may switch compile (execution setting)."""
+    name = "en1resnet8-ternary-br-pgd_at"
+    extra = [{"name": name, "model": "en1resnet8", "quantizer": "ternary", "loss": "pgd_at"}]
+    runs = {}
+    for mode in ("none", "default"):
+        settings = config.from_dict({"profile": "test", "data": {"prepared": str(prepared_dir), "expect_counts": None,
+                                                                 "val_size": 30},
+                                     "train": {**TINY_TRAIN, "epochs": 1, "relax": {"hard_epoch": 0}, "compile": mode},
+                                     "experiments": extra})
+        runs[mode] = train_mod.train(settings, settings.experiment(name), tmp_path / mode, quiet=True,
+                                     live_dir=tmp_path / f"live-{mode}")
+    eager, _ = checkpoint.load(train_mod.RunPaths(tmp_path / "none").float_weights)
+    compiled, side = checkpoint.load(train_mod.RunPaths(tmp_path / "default").float_weights)
+    assert sorted(eager) == sorted(compiled) and not any("_orig_mod" in k for k in compiled)
+    keys = [k for k in eager if eager[k].is_floating_point()]
+    delta = torch.cat([(eager[k].float() - compiled[k].float()).flatten() for k in keys])
+    drift = float(delta.norm() / torch.cat([eager[k].float().flatten() for k in keys]).norm())
+    assert drift < 2e-3, f"the compiled run's weights differ from eager by {drift:.2%} (relative L2 over all tensors)"
+    assert side["train"]["compile"] == "default"
+    a, b = runs["none"]["history"][0], runs["default"]["history"][0]
+    assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 and abs(a["val_natural_acc"] - b["val_natural_acc"]) <= 100 / 30
 
 
 def test_extending_a_one_cycle_run_is_refused(tmp_path, prepared_dir):
