@@ -7,7 +7,9 @@ model's parameters keep their ``requires_grad`` flags and ``.grad``. Losses are 
 fp32, so a caller may wrap an attack in bf16 autocast. ``eot=k`` averages the input gradient
 over k stochastic forward passes (Expectation over Transformation for the noisy models).
 
-The paper's settings are the module constants below and the functions' defaults.
+The paper's settings are the module constants below and the functions' defaults. Kept whole (~350
+lines): every attack shares the same input checks, mode handling and gradient helper, and the file is
+the one place to audit them against the paper.
 """
 from __future__ import annotations
 

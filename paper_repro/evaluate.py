@@ -9,6 +9,8 @@ device a re-run gives the same numbers. Spread: sample std over seeds and a 95% 
 (``ci95``; Wilson when one seed ran), plus the Wilson interval of the test-set sampling
 (``ci95_wilson``). The schema is documented in docs/contracts.md ("metrics") and checked by
 ``validate_metrics`` before anything is written; files are written to a temp name and renamed.
+Kept whole (~400 lines): it is the stage that assembles one metrics document, from loading the run to
+writing the metrics/examples pair; the measuring itself lives in scoring.py, the schema in metrics_schema.py.
 """
 from __future__ import annotations
 

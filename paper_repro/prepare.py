@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from . import config
-from .data import is_url, prepare, resolve_extra_source, resolve_source, source_md5
+from .data import prepare, source_md5
+from .fetch import is_url, resolve_extra_source, resolve_source
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

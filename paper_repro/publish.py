@@ -134,7 +134,7 @@ def data_record(meta_path: Path) -> dict[str, Any]:
 def build(metrics_dir: Path, runs_dir: Path, reports_dir: Path, data_meta: Path, out: Path,
           settings: config.Settings, timing: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write the bundle into a staging folder beside ``out`` and swap it in; return its manifest."""
-    from .claims import load_metrics
+    from .verdicts import load_metrics
 
     metrics = load_metrics(metrics_dir)
     if not metrics:

@@ -11,6 +11,9 @@ Why this shape:
   training keeps its last finished epoch) and requeues it with ``--resume``.
 - The submission is written to ``logs/grid/slurm/submitted.json`` so that ``grid --attach`` can
   follow it (and ``dvc commit`` the results) from another login session.
+
+Kept whole (~450 lines): its settings, the requeueing job and submit/follow share SlurmSettings and the
+manifest, and grid is its only user (this is the one module that imports submitit).
 """
 from __future__ import annotations
 

@@ -1,19 +1,18 @@
-"""The tables and figures of the notebooks (``from paper_repro import tables as R``): metrics as DataFrames, the provenance banner, and saving
-figures (PNG + PDF) and tables (CSV + Markdown + LaTeX) that carry that banner.
+"""The notebooks' tables (``from paper_repro import tables as R``): metrics as DataFrames, the tables
+each notebook shows, and writing a table as CSV + Markdown + LaTeX with the provenance banner.
 
-Why: the notebooks must stay short and must never retype a number; everything they show flows
-from metrics/<run>.json (and runs/<run>/*.safetensors for histograms) through these functions.
-Every output names its profile and data provenance, and says "NOT COMPARABLE WITH THE PAPER"
-when the data are not the official archive or the profile is not "paper".
+Why: the notebooks must stay short and must never retype a number; everything they show flows from
+metrics/<run>.json (and reports/verification.json for verdicts, never recomputed) through these
+functions. What every notebook shares (parameters, run selection, the banner, display) lives in
+notebook.py, the figures in figures.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,46 +20,19 @@ import pandas as pd
 from . import atomic
 from . import checks, recipe
 from . import claims as C
+from . import verdicts as V
+from .notebook import NOT_RUN, in_notebook, ordered, read_json, select, variant, variant_order
 
-NOT_COMPARABLE = C.NOT_COMPARABLE_BANNER
-NOT_RUN = "not run in this profile"
 PAPER_ATTACKS = ("natural", "fgsm", "ifgsm20", "cw_ref")
 PAPER_COLUMNS = recipe.PAPER_COLUMNS
 ATTACK_LABELS = {"natural": "A1 natural", "fgsm": "A2 FGSM", "ifgsm20": "A3 IFGSM20",
                  "cw_ref": "A4 C&W (ref. variant)"}
-QUANT_ORDER = ("none", "binary", "ternary", "4bit", "kbit")
-LOSS_ORDER = ("natural", "pgd_at", "tradeoff", "trades")
-METHOD_ORDER = ("none", "br", "bc")
 DEFAULT_LOSS_WEIGHTS = {"natural": (0.0, 1.0), "pgd_at": (1.0, 0.0), "tradeoff": (8.0, 1.0)}
-MAX_HIST_VALUES = 200_000
 
 
 # --------------------------------------------------------------------------------------------
 # Small utilities
 # --------------------------------------------------------------------------------------------
-
-def as_list(value: str | Sequence[str] | None) -> list[str]:
-    """Notebook list parameters arrive as "a,b,c" (papermill -p) or as lists (-y / -f)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v) for v in value]
-
-
-def read_json(path: str | Path | None) -> dict[str, Any] | None:
-    """A JSON file, or None when it does not exist (inputs of small profiles may be absent)."""
-    if not path or not Path(path).is_file():
-        return None
-    return json.loads(Path(path).read_text())
-
-
-def variant(quantizer: str | None, method: str | None) -> str:
-    """Display label: 'fp32' for float models, else e.g. 'ternary BR'."""
-    if C.norm("quantizer", quantizer) in (None, C.FLOAT):
-        return "fp32"
-    return f"{quantizer} {str(method or '').upper()}".strip()
-
 
 def loss_weights(m: Mapping[str, Any]) -> tuple[float, float] | None:
     """(w_adv, w_nat) of a run, from loss_params with the per-loss defaults of the spec."""
@@ -80,36 +52,14 @@ def fmt_mean_std(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-def select(metrics: Iterable[Mapping[str, Any]], **fields: Any) -> list[Mapping[str, Any]]:
-    """Runs whose metrics fields equal the given ones; a list/tuple value means 'one of'."""
-    out = []
-    for m in metrics:
-        ok = True
-        for key, want in fields.items():
-            wants = want if isinstance(want, (list, tuple, set)) else [want]
-            if C.norm(key, m.get(key)) not in {C.norm(key, w) for w in wants}:
-                ok = False
-        if ok:
-            out.append(m)
-    return out
-
-
 def _scalars(d: Mapping[str, Any] | None) -> dict[str, Any]:
     """The numeric entries of a metrics section (drops per-layer lists, count dicts, rule names)."""
     return {k: v for k, v in (d or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
-    values = list(dict.fromkeys(values))
-    return [v for v in preferred if v in values] + sorted(v for v in values if v not in preferred)
-
-
 # --------------------------------------------------------------------------------------------
 # Metrics as DataFrames
 # --------------------------------------------------------------------------------------------
-
-load_metrics = C.load_metrics
-
 
 def runs_frame(metrics: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per run: identity, provenance, accuracy mean/std per attack, sparsity, size."""
@@ -120,7 +70,7 @@ def runs_frame(metrics: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         row = {"run": m.get("run"), "model": m.get("model"), "k": parsed[0], "depth_model": parsed[1],
                "quantizer": m.get("quantizer"), "method": m.get("method"), "loss": m.get("loss"),
                "variant": variant(m.get("quantizer"), m.get("method")), "profile": m.get("profile"),
-               "official": C.is_official(m), "comparable": C.is_comparable(m), "noise": m.get("noise"),
+               "official": V.is_official(m), "comparable": V.is_comparable(m), "noise": m.get("noise"),
                "n_examples": m.get("n_examples"), "n_seeds": len(m.get("seeds") or []),
                "epochs": (m.get("provenance") or {}).get("epochs"), "w_adv": weights[0], "w_nat": weights[1]}
         for attack, entry in (m.get("accuracy") or {}).items():
@@ -151,7 +101,7 @@ def accuracy_long(metrics: Sequence[Mapping[str, Any]], attacks: Sequence[str] |
 
 def attacks_in(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
     found = [a for m in metrics for a in (m.get("accuracy") or {})]
-    return _order(found, PAPER_ATTACKS)
+    return ordered(found, PAPER_ATTACKS)
 
 
 def accuracy_table(metrics: Sequence[Mapping[str, Any]], attacks: Sequence[str]) -> pd.DataFrame:
@@ -170,7 +120,7 @@ def layers_frame(metrics: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Per-layer sparsity rows (metrics["sparsity"]["layers"]) of every run, in layer order."""
     rows = []
     for m in metrics:
-        for i, layer in enumerate(C.get_path(m, "sparsity.layers") or []):
+        for i, layer in enumerate(V.get_path(m, "sparsity.layers") or []):
             rows.append({"run": m.get("run"), "quantizer": m.get("quantizer"), "method": m.get("method"),
                          "loss": m.get("loss"), "layer_index": i, **layer})
     return pd.DataFrame(rows)
@@ -216,13 +166,13 @@ def registry_rows(verification: str | Path | Mapping[str, Any], keep: Callable[[
 
 
 def reported_vs_reproduced(verification: str | Path | Mapping[str, Any], *, source: str, models: Sequence[str],
-                           loss: str = "pgd_at", quantizer: str = C.FLOAT, dataset: str = "cifar10",
+                           loss: str = "pgd_at", quantizer: str = V.FLOAT, dataset: str = "cifar10",
                            registry: str | Path | None = None) -> pd.DataFrame:
     """Registry numbers of one source next to the reproduced ones (long: model x paper column)."""
     def keep(c: C.NumericClaim) -> bool:
         sel = dict(c.maps_to.select) if c.maps_to else {}
         return (c.source == source and c.dataset == dataset and sel.get("model") in models
-                and sel.get("loss") == loss and C.norm("quantizer", sel.get("quantizer")) == quantizer
+                and sel.get("loss") == loss and V.norm("quantizer", sel.get("quantizer")) == quantizer
                 and c.maps_to.metric.startswith("accuracy."))
 
     columns = ["model", "column", "attack", "id", "reported", "reproduced", "std", "difference", "tolerance",
@@ -260,17 +210,17 @@ def tradeoff_frame(metrics: Sequence[Mapping[str, Any]], model: str, quantizers:
     """Accuracy and sparsity against the loss weights; x = w_nat / (w_adv + w_nat)."""
     rows = []
     for m in select(metrics, model=model, quantizer=quantizers, loss=list(DEFAULT_LOSS_WEIGHTS)):
-        is_float = C.norm("quantizer", m.get("quantizer")) == C.FLOAT
-        if not is_float and C.norm("method", m.get("method")) != C.norm("method", method):
+        is_float = V.norm("quantizer", m.get("quantizer")) == V.FLOAT
+        if not is_float and V.norm("method", m.get("method")) != V.norm("method", method):
             continue
         w_adv, w_nat = loss_weights(m)
         row = {"run": m["run"], "variant": variant(m.get("quantizer"), m.get("method")), "loss": m["loss"],
                "w_adv": w_adv, "w_nat": w_nat, "natural_share": round(w_nat / (w_adv + w_nat), 4),
                "weights": f"{w_adv:g}:{w_nat:g}"}
         for attack in PAPER_ATTACKS:
-            row[attack] = C.get_path(m, f"accuracy.{attack}.mean")
-        row["channel_sparsity"] = C.get_path(m, "sparsity.channel")
-        row["weight_sparsity"] = C.get_path(m, "sparsity.weight")
+            row[attack] = V.get_path(m, f"accuracy.{attack}.mean")
+        row["channel_sparsity"] = V.get_path(m, "sparsity.channel")
+        row["weight_sparsity"] = V.get_path(m, "sparsity.weight")
         rows.append(row)
     columns = ["run", "variant", "loss", "w_adv", "w_nat", "natural_share", "weights", *PAPER_ATTACKS,
                "channel_sparsity", "weight_sparsity"]
@@ -292,8 +242,8 @@ def efficiency_frame(metrics: Sequence[Mapping[str, Any]], attack: str = "ifgsm2
                      "packed_KiB": round(size.get("packed_bytes", np.nan) / 1024, 2),
                      "fp32_KiB": round(size.get("fp32_bytes", np.nan) / 1024, 2),
                      "compression": size.get("compression"),
-                     "natural": C.get_path(m, "accuracy.natural.mean"),
-                     attack: C.get_path(m, f"accuracy.{attack}.mean")})
+                     "natural": V.get_path(m, "accuracy.natural.mean"),
+                     attack: V.get_path(m, f"accuracy.{attack}.mean")})
     return pd.DataFrame(rows, columns=["run", "model", "variant", "quantizer", "loss", "bits_per_weight", "packed_KiB",
                                        "fp32_KiB", "compression", "natural", attack])
 
@@ -305,23 +255,6 @@ def experiment_grid(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     labels = (runs.groupby(["model", "variant"])["loss"].apply(lambda s: "\n".join(sorted(map(str, s))))
               .unstack(fill_value="").reindex_like(counts).fillna(""))
     return counts, labels
-
-
-def variant_order(variants: Iterable[str]) -> list[str]:
-    """fp32 first, then binary, ternary, 4bit, each BR before BC."""
-    preferred = ["fp32"] + [f"{q} {m}" for q in QUANT_ORDER[1:] for m in ("BR", "BC")]
-    return _order(variants, preferred)
-
-
-def sort_runs(metrics: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Model, quantizer (fp first), method, loss (natural, pgd_at, tradeoff), run name."""
-    def key(m: Mapping[str, Any]) -> tuple:
-        q, loss = C.norm("quantizer", m.get("quantizer")), m.get("loss")
-        method = C.norm("method", m.get("method"))
-        return (str(m.get("model")), QUANT_ORDER.index(q) if q in QUANT_ORDER else 99,
-                METHOD_ORDER.index(method) if method in METHOD_ORDER else 99,
-                LOSS_ORDER.index(loss) if loss in LOSS_ORDER else 99, str(m.get("run")))
-    return sorted(metrics, key=key)
 
 
 def verification_frame(report: Mapping[str, Any], kind: str) -> pd.DataFrame:
@@ -340,165 +273,8 @@ def verification_frame(report: Mapping[str, Any], kind: str) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# Weights (for histograms)
+# Writing tables
 # --------------------------------------------------------------------------------------------
-
-def load_weights(runs_dir: str | Path, run: str, kind: str = "deployed") -> dict[str, np.ndarray] | None:
-    """runs/<run>/<kind>.safetensors as numpy arrays; in a published bundle (runs_dir = its models/ folder)
-    the deployed weights come from the packed <run>.safetensors. None when absent."""
-    path = Path(runs_dir) / run / f"{kind}.safetensors"
-    packed = Path(runs_dir) / f"{run}.safetensors"
-    if not path.is_file():
-        if kind != "deployed" or not packed.is_file():
-            return None
-        from .quant import load_packed
-
-        tensors, _ = load_packed(packed)
-        return {k: v.numpy() for k, v in tensors.items()}
-    from safetensors.numpy import load_file
-
-    return load_file(str(path))
-
-
-def quantized_names(runs_dir: str | Path, run: str, tensors: Mapping[str, np.ndarray]) -> list[str]:
-    """Names listed as quantized in deployed.json (or the packed header of a bundle), else every 3x3 conv kernel."""
-    sidecar = read_json(Path(runs_dir) / run / "deployed.json") or {}
-    listed = list(sidecar.get("quantized") or [])
-    packed = Path(runs_dir) / f"{run}.safetensors"
-    if not listed and packed.is_file():
-        from safetensors import safe_open
-
-        from .quant.packing import HEADER_KEY
-
-        with safe_open(str(packed), framework="numpy") as f:
-            header = json.loads((f.metadata() or {}).get(HEADER_KEY, "{}"))
-        listed = [n for n, e in (header.get("tensors") or {}).items() if e.get("kind") == "quantized"]
-    names = [n for n in listed if n in tensors]
-    return names or [n for n, t in tensors.items() if t.ndim == 4 and t.shape[2:] == (3, 3)]
-
-
-def weight_values(runs_dir: str | Path, metrics: Sequence[Mapping[str, Any]], kind: str,
-                  normalise: bool = False, seed: int = 0) -> pd.DataFrame:
-    """Long frame (run, quantizer, loss, value) of quantized-layer weights; deployed weights can be
-    divided by each layer's max |Q| so levels of different layers line up."""
-    rng = np.random.default_rng(seed)
-    parts = []
-    for m in metrics:
-        tensors = load_weights(runs_dir, m["run"], kind)
-        if tensors is None:
-            continue
-        names = quantized_names(runs_dir, m["run"], tensors)
-        vals = []
-        for n in names:
-            t = tensors[n].astype(np.float64).ravel()
-            peak = np.abs(t).max()
-            vals.append(t / peak if normalise and peak > 0 else t)
-        if not vals:
-            continue
-        values = np.concatenate(vals)
-        if values.size > MAX_HIST_VALUES:
-            values = rng.choice(values, MAX_HIST_VALUES, replace=False)
-        parts.append(pd.DataFrame({"run": m["run"], "quantizer": m.get("quantizer"), "loss": m.get("loss"),
-                                   "value": values}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["run", "quantizer", "loss", "value"])
-
-
-# --------------------------------------------------------------------------------------------
-# Provenance banner
-# --------------------------------------------------------------------------------------------
-
-def provenance(metrics: Sequence[Mapping[str, Any]], data_meta: str | Path | Mapping | None = None,
-               profile: str | None = None) -> dict[str, Any]:
-    """What every output must state: profile(s), data source, official or not, comparability."""
-    meta = data_meta if isinstance(data_meta, Mapping) else read_json(data_meta)
-    profiles = sorted({str(m.get("profile")) for m in metrics})
-    sources = sorted({str((m.get("data") or {}).get("source")) for m in metrics})
-    official = [C.is_official(m) for m in metrics]
-    if meta is not None and "official" in meta:
-        official.append(bool(meta["official"]))
-        sources = sorted(set(sources) | {str(meta.get("source"))}) if meta.get("source") else sources
-    comparable = (bool(metrics) and all(official) and profile in (None, "paper")
-                  and all(C.is_comparable(m) for m in metrics))  # the recipe in effect, not only labels
-    return {"profile": profile, "metrics_profiles": profiles, "data_sources": sources,
-            "official": bool(official) and all(official), "n_runs": len(metrics), "comparable": comparable}
-
-
-def banner(metrics: Sequence[Mapping[str, Any]], data_meta: str | Path | Mapping | None = None,
-           profile: str | None = None) -> str:
-    """One line stating profile and data provenance, ending in NOT COMPARABLE... when it is not."""
-    p = provenance(metrics, data_meta, profile)
-    text = (f"profile: {p['profile'] or '-'} (metrics: {', '.join(p['metrics_profiles']) or 'none'}) | "
-            f"data: {', '.join(p['data_sources']) or 'unknown'}, official={p['official']} | runs: {p['n_runs']}")
-    return text if p["comparable"] else f"{text} | {NOT_COMPARABLE}"
-
-
-# --------------------------------------------------------------------------------------------
-# Output: figures, tables, notebook display
-# --------------------------------------------------------------------------------------------
-
-def notebook_setup(metrics_dir: str | Path, data_meta: str | Path | None, profile: str | None
-                   ) -> tuple[list[dict[str, Any]], str]:
-    """What every notebook does first: plotting style, the runs (sorted) and the provenance banner, shown."""
-    setup_plotting()
-    metrics = sort_runs(load_metrics(metrics_dir))
-    text = banner(metrics, data_meta, profile)
-    show_banner(text)
-    return metrics, text
-
-
-def setup_plotting() -> None:
-    """Agg backend (figures are shown in notebooks as the saved PNG) and one seaborn theme."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="paper")
-
-
-def _in_notebook() -> bool:
-    shell = sys.modules.get("IPython")
-    ip = shell.get_ipython() if shell and hasattr(shell, "get_ipython") else None
-    return ip is not None and getattr(ip, "kernel", None) is not None
-
-
-def show_markdown(text: str) -> None:
-    if _in_notebook():
-        from IPython.display import Markdown, display
-
-        display(Markdown(text))
-    else:
-        print(text)
-
-
-def show_banner(text: str) -> None:
-    show_markdown(f"**{text}**" if NOT_COMPARABLE in text else text)
-
-
-def show_not_run(what: str) -> None:
-    show_markdown(f"*{what}: {NOT_RUN}.*")
-
-
-def save_figure(fig, out_dir: str | Path, name: str, banner_text: str) -> list[Path]:
-    """figures/<name>.png and .pdf, with the banner printed under the plot; shown, then closed."""
-    import matplotlib.pyplot as plt
-
-    folder = Path(out_dir) / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    color = "firebrick" if NOT_COMPARABLE in banner_text else "dimgray"
-    fig.canvas.draw()  # settle the layout so the banner goes below every label
-    bottom = fig.get_tightbbox(fig.canvas.get_renderer()).y0 / fig.get_figheight()
-    fig.text(0.005, min(bottom, 0.0) - 0.01, banner_text, fontsize=7, color=color, ha="left", va="top")
-    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
-    atomic.write_with(paths[0], lambda p: fig.savefig(p, dpi=150, bbox_inches="tight", format="png"))
-    atomic.write_with(paths[1], lambda p: fig.savefig(p, bbox_inches="tight", format="pdf", metadata={"CreationDate": None}))
-    plt.close(fig)
-    if _in_notebook():
-        from IPython.display import Image, display
-
-        display(Image(filename=str(paths[0])))
-    return paths
-
 
 def _text(value: Any) -> str:
     if isinstance(value, float):
@@ -552,7 +328,7 @@ def save_table(df: pd.DataFrame, out_dir: str | Path, name: str, banner_text: st
     tex_text = f"% {banner_text}\n" + to_latex(df, f"{caption}. {banner_text}", name)
     for path, text in zip(paths, (csv_text, md_text, tex_text)):
         atomic.write_with(path, lambda p, t=text: p.write_text(t))
-    if _in_notebook():
+    if in_notebook():
         from IPython.display import Markdown, display
 
         display(Markdown(f"**{caption}**\n\n{to_markdown(df)}" if len(df) else f"**{caption}**: empty"))

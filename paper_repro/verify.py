@@ -23,9 +23,10 @@ from typing import Any, Mapping, Sequence
 from . import atomic
 from . import claims as C
 from . import stats, summary
+from . import verdicts as V
 
 REPORT_SCHEMA_VERSION = 2
-NOT_COMPARABLE_BANNER = C.NOT_COMPARABLE_BANNER
+NOT_COMPARABLE_BANNER = V.NOT_COMPARABLE_BANNER
 
 
 def _notes_for(runs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -37,7 +38,7 @@ def _notes_for(runs: Sequence[Mapping[str, Any]]) -> list[str]:
 def deviation_text(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """The deviations from the paper recipe of the runs behind a verdict, each once: those of every run
     as they are, the others with the runs they concern ("BR rho 4 vs 1.05 (7 of 10 runs: ...)")."""
-    per_run = [(str(m.get("run")), C.deviations(m)) for m in runs]
+    per_run = [(str(m.get("run")), V.deviations(m)) for m in runs]
     if not per_run:
         return []
     order: dict[str, list[str]] = {}
@@ -69,12 +70,12 @@ def evaluate_numeric(claim: C.NumericClaim, metrics: Sequence[Mapping[str, Any]]
     else:
         row["metric"] = claim.maps_to.metric
         row["select"] = dict(claim.maps_to.select)
-        run, problem = C.resolve_run(metrics, claim.maps_to)
+        run, problem = V.resolve_run(metrics, claim.maps_to)
         if run is None:
             row["detail"] = problem
         else:
             row["run"] = run["run"]
-            measured = C.measure(run, claim.maps_to.metric)
+            measured = V.measure(run, claim.maps_to.metric)
             notes = [] if measured is not None else [f"metric {claim.maps_to.metric} missing in {run['run']}"]
             row["detail"] = "; ".join(notes + _notes_for([run]))
     devs = deviation_text([run]) if run is not None else []
@@ -86,9 +87,9 @@ def evaluate_numeric(claim: C.NumericClaim, metrics: Sequence[Mapping[str, Any]]
         if claim.value is not None:
             row["difference"] = round(measured.mean - claim.value, 2)
     if problem.startswith("registry error"):
-        row["verdict"], row["would_be"] = C.REGISTRY_ERROR, None
+        row["verdict"], row["would_be"] = V.REGISTRY_ERROR, None
     else:
-        row["verdict"], row["would_be"] = C.numeric_verdict(claim, measured, comparable)
+        row["verdict"], row["would_be"] = V.numeric_verdict(claim, measured, comparable)
     return row
 
 
@@ -98,7 +99,7 @@ def evaluate_qualitative(claim: C.QualitativeClaim, metrics: Sequence[Mapping[st
     used = [m for m in metrics if m.get("run") in set(result.runs)]
     devs = deviation_text(used)
     comparable = bool(used) and not devs
-    verdict, would_be = C.check_verdict(result, comparable)
+    verdict, would_be = V.check_verdict(result, comparable)
     notes = _notes_for(used)
     return {"id": claim.id, "kind": "qualitative", "claim": claim.claim, "check": claim.check,
             "params": dict(claim.params), "verdict": verdict, "would_be": would_be, "outcome": result.outcome,
@@ -109,13 +110,13 @@ def evaluate_qualitative(claim: C.QualitativeClaim, metrics: Sequence[Mapping[st
 
 def provenance(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What the verdicts rest on: how many runs, which profiles, which data, which code."""
-    comparable = bool(metrics) and all(C.is_comparable(m) for m in metrics)
+    comparable = bool(metrics) and all(V.is_comparable(m) for m in metrics)
     commits = sorted({str(((m.get("provenance") or {}).get("versions") or {}).get("code_commit", "unknown"))
                       for m in metrics})
     return {
         "n_runs": len(metrics),
         "profiles": sorted({str(m.get("profile")) for m in metrics}),
-        "official_data": sorted({C.is_official(m) for m in metrics}),
+        "official_data": sorted({V.is_official(m) for m in metrics}),
         "data_sources": sorted({str((m.get("data") or {}).get("source")) for m in metrics}),
         "data_md5": sorted({str((m.get("data") or {}).get("archive_md5")) for m in metrics}),
         "code_commits": commits,
@@ -141,7 +142,7 @@ def build_report(registry: C.Registry, metrics: Sequence[Mapping[str, Any]], met
     numeric = [evaluate_numeric(c, metrics) for c in registry.numeric]
     qualitative = [evaluate_qualitative(c, metrics) for c in registry.qualitative]
     rows = numeric + qualitative
-    failures = [r["id"] for r in rows if r["verdict"] in (C.NOT_REPRODUCED, C.REGISTRY_ERROR)]
+    failures = [r["id"] for r in rows if r["verdict"] in (V.NOT_REPRODUCED, V.REGISTRY_ERROR)]
     counts = Counter(r["verdict"] for r in rows)
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -149,7 +150,7 @@ def build_report(registry: C.Registry, metrics: Sequence[Mapping[str, Any]], met
         "metrics_dir": Path(metrics_dir).name if metrics_dir else "",
         "provenance": provenance(metrics),
         "rules": RULES,
-        "counts": {v: counts.get(v, 0) for v in C.VERDICTS},
+        "counts": {v: counts.get(v, 0) for v in V.VERDICTS},
         "numeric": numeric,
         "qualitative": qualitative,
         "strict_failures": failures,
@@ -267,7 +268,7 @@ def run(metrics_dir: str | Path, out_dir: str | Path, strict: bool = False,
     metrics.json), verify every claim into <out_dir>/verification.md and .json, print the table.
     The report's "exit_code" is what the CLI should return (non-zero only with strict)."""
     reg = registry if isinstance(registry, C.Registry) else C.load_registry(registry)
-    metrics = C.load_metrics(metrics_dir)
+    metrics = V.load_metrics(metrics_dir)
     out = Path(out_dir)
     summary.summarize(metrics_dir, out / "summary.csv", out / "metrics.json")
     report = build_report(reg, metrics, metrics_dir=str(metrics_dir))

@@ -11,6 +11,7 @@ import yaml
 from fixtures_metrics import simple_metrics
 from paper_repro import checks
 from paper_repro import claims as C
+from paper_repro import verdicts as V
 
 SPEC_NUMBERS = {
     # EnResNet poster, CIFAR-10 and CIFAR-100, abstract
@@ -115,9 +116,9 @@ def test_duplicate_ids_and_yaml_errors(raw, tmp_path):
 
 def test_get_path_handles_dotted_keys():
     m = {"accuracy": {"pgd50_eot@0.031": {"mean": 40.0}, "natural": {"mean": 80.0}}}
-    assert C.get_path(m, "accuracy.pgd50_eot@0.031.mean") == 40.0
-    assert C.get_path(m, "accuracy.natural.mean") == 80.0
-    assert C.get_path(m, "accuracy.fgsm.mean") is None
+    assert V.get_path(m, "accuracy.pgd50_eot@0.031.mean") == 40.0
+    assert V.get_path(m, "accuracy.natural.mean") == 80.0
+    assert V.get_path(m, "accuracy.fgsm.mean") is None
 
 
 def test_a_reported_number_maps_to_its_named_run_only():
@@ -125,18 +126,18 @@ def test_a_reported_number_maps_to_its_named_run_only():
                        select={"model": "resnet20", "quantizer": "none", "loss": "pgd_at"})
     other = simple_metrics("my-custom-name", "resnet20", "none", "none", "pgd_at", acc={"natural": 75.0})
     wrong = simple_metrics("resnet20-fp-pgd_at", "resnet20", "none", "none", "natural", acc={"natural": 90.0})
-    assert C.find_runs([other, wrong], maps_to) == []  # never a look-alike; the named run contradicts select
-    assert C.resolve_run([other, wrong], maps_to)[1].startswith("registry error")
+    assert V.find_runs([other, wrong], maps_to) == []  # never a look-alike; the named run contradicts select
+    assert V.resolve_run([other, wrong], maps_to)[1].startswith("registry error")
     same = simple_metrics("resnet20-fp-pgd_at", "resnet20", "fp", "none", "pgd_at", acc={"natural": 76.0})
-    assert C.find_runs([other, same], maps_to) == [same]  # 'fp' == 'none'
+    assert V.find_runs([other, same], maps_to) == [same]  # 'fp' == 'none'
 
 
 def test_within_tolerance_uses_the_ci():
-    m = C.Measurement(mean=70.0, ci95=(69.0, 71.0))
-    assert C.within_tolerance(72.0, 1.0, m)  # 1.0 from the CI's upper end
-    assert not C.within_tolerance(72.5, 1.0, m)
-    assert C.within_tolerance(71.0, 1.0, C.Measurement(mean=70.0))
-    assert not C.within_tolerance(71.5, 1.0, C.Measurement(mean=70.0))
+    m = V.Measurement(mean=70.0, ci95=(69.0, 71.0))
+    assert V.within_tolerance(72.0, 1.0, m)  # 1.0 from the CI's upper end
+    assert not V.within_tolerance(72.5, 1.0, m)
+    assert V.within_tolerance(71.0, 1.0, V.Measurement(mean=70.0))
+    assert not V.within_tolerance(71.5, 1.0, V.Measurement(mean=70.0))
 
 
 def _pair(loss_a, loss_b, channel_a, channel_b, **kw):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from archive_factory import batch_bytes, make_files, write_archive
-from paper_repro import data
+from paper_repro import archives, data, fetch
 from paper_repro.data import DataError, load_prepared, prepare, validation_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_images_keep_their_pixels(tmp_path):
 
 def test_official_flag_true_only_when_every_file_md5_matches(tmp_path, tiny_archive, monkeypatch):
     files = make_files()
-    monkeypatch.setattr(data, "OFFICIAL_FILE_MD5", {n: hashlib.md5(b).hexdigest() for n, b in files.items()})
+    monkeypatch.setattr(archives, "OFFICIAL_FILE_MD5", {n: hashlib.md5(b).hexdigest() for n, b in files.items()})
     assert prepare(str(tiny_archive), tmp_path / "a")["official"] is True
     other = dict(files, test_batch=batch_bytes(np.zeros((20, 3072), np.uint8), [i % 10 for i in range(20)]))
     assert prepare(str(write_archive(tmp_path / "b.tar.gz", other)), tmp_path / "b")["official"] is False
@@ -211,7 +211,7 @@ class _Server:
 
 @pytest.fixture(autouse=True)
 def _no_backoff(monkeypatch):
-    monkeypatch.setattr(data, "DOWNLOAD_BACKOFF_S", 0.0)
+    monkeypatch.setattr(fetch, "DOWNLOAD_BACKOFF_S", 0.0)
 
 
 def test_download_verifies_and_prepares(tmp_path, tiny_archive):
@@ -276,7 +276,7 @@ def test_a_test_split_without_every_class_is_refused(tmp_path):
 
 
 def test_an_oversized_member_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 1000)
+    monkeypatch.setattr(archives, "MAX_MEMBER_BYTES", 1000)
     with pytest.raises(DataError, match=r"claims [\d,]+ bytes, more than any CIFAR-10 batch \(1,000\)"):
         prepare(str(write_archive(tmp_path / "big.tar.gz", make_files())), tmp_path / "out")
 

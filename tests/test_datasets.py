@@ -15,7 +15,7 @@ import yaml
 
 from archive_factory import (make_archive, make_cifar100_archive, make_cifar100_files, make_svhn_folder, svhn_arrays,
                              write_archive)
-from paper_repro import attacks, cli, comparability, config, data, evaluate as E, recipe, train as train_mod
+from paper_repro import archives, attacks, cli, comparability, config, evaluate as E, recipe, train as train_mod
 from paper_repro.claims import load_registry
 from paper_repro.data import DataError, load_prepared, prepare
 from paper_repro.metrics_schema import validate_metrics
@@ -38,11 +38,11 @@ def test_cifar100_archive_prepares_with_fine_labels(tmp_path):
 def test_cifar100_official_flag_needs_every_pinned_md5(tmp_path, monkeypatch):
     files = make_cifar100_files()
     archive = write_archive(tmp_path / "c100.tar.gz", files, prefix="cifar-100-python/")
-    lay = data.CIFAR_LAYOUTS["cifar100"]
+    lay = archives.CIFAR_LAYOUTS["cifar100"]
     pinned = {n: hashlib.md5(b).hexdigest() for n, b in files.items()}
-    monkeypatch.setitem(data.CIFAR_LAYOUTS, "cifar100", dataclasses.replace(lay, file_md5=pinned))
+    monkeypatch.setitem(archives.CIFAR_LAYOUTS, "cifar100", dataclasses.replace(lay, file_md5=pinned))
     assert prepare(str(archive), tmp_path / "p", dataset="cifar100")["official"] is True
-    monkeypatch.setitem(data.CIFAR_LAYOUTS, "cifar100", dataclasses.replace(lay, file_md5={**pinned, "meta": "0" * 32}))
+    monkeypatch.setitem(archives.CIFAR_LAYOUTS, "cifar100", dataclasses.replace(lay, file_md5={**pinned, "meta": "0" * 32}))
     assert prepare(str(archive), tmp_path / "q", dataset="cifar100")["official"] is False
     assert lay.file_md5["train"] == "16019d7e3df5f24257cddd939b257f8d"  # torchvision's pin, unchanged
 
@@ -104,11 +104,11 @@ def test_svhn_folder_prepares_with_digit_zero_as_label_zero(tmp_path):
 
 def test_svhn_pins_torchvisions_md5s_and_flags_official(tmp_path, monkeypatch):
     from torchvision.datasets import SVHN
-    assert data.SVHN_SPLITS["train"] == ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373")
-    assert data.SVHN_SPLITS["test"] == ("test_32x32.mat", SVHN.split_list["test"][2])
+    assert archives.SVHN_SPLITS["train"] == ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373")
+    assert archives.SVHN_SPLITS["test"] == ("test_32x32.mat", SVHN.split_list["test"][2])
     folder = make_svhn_folder(tmp_path / "svhn")
-    pinned = {s: (n, hashlib.md5((folder / n).read_bytes()).hexdigest()) for s, (n, _) in data.SVHN_SPLITS.items()}
-    monkeypatch.setattr(data, "SVHN_SPLITS", pinned)
+    pinned = {s: (n, hashlib.md5((folder / n).read_bytes()).hexdigest()) for s, (n, _) in archives.SVHN_SPLITS.items()}
+    monkeypatch.setattr(archives, "SVHN_SPLITS", pinned)
     assert prepare(str(folder), tmp_path / "p", dataset="svhn")["official"] is True
 
 

@@ -160,15 +160,15 @@ def test_notebooks_run_with_no_runs_at_all(tmp_path):
 
 def test_banner_says_when_not_comparable():
     from fixtures_metrics import simple_metrics
-    from paper_repro import tables as R
+    from paper_repro import notebook as N
 
     paper = [simple_metrics("a", acc={"natural": 70.0})]
-    assert R.NOT_COMPARABLE not in R.banner(paper, {"official": True}, "paper")
-    assert R.NOT_COMPARABLE in R.banner(paper, {"official": True}, "cpu")
-    assert R.NOT_COMPARABLE in R.banner(paper, {"official": False}, "paper")
-    assert R.NOT_COMPARABLE in R.banner([simple_metrics("a", profile="smoke")], None, "paper")
-    assert R.NOT_COMPARABLE in R.banner([], None, "paper")
-    assert "profile: cpu" in R.banner(paper, None, "cpu")
+    assert N.NOT_COMPARABLE not in N.banner(paper, {"official": True}, "paper")
+    assert N.NOT_COMPARABLE in N.banner(paper, {"official": True}, "cpu")
+    assert N.NOT_COMPARABLE in N.banner(paper, {"official": False}, "paper")
+    assert N.NOT_COMPARABLE in N.banner([simple_metrics("a", profile="smoke")], None, "paper")
+    assert N.NOT_COMPARABLE in N.banner([], None, "paper")
+    assert "profile: cpu" in N.banner(paper, None, "cpu")
 
 
 def test_save_table_writes_csv_markdown_latex(tmp_path):
@@ -187,9 +187,9 @@ def test_save_table_writes_csv_markdown_latex(tmp_path):
 
 
 def test_as_list_and_variant():
-    from paper_repro import tables as R
+    from paper_repro import notebook as N
 
-    assert R.as_list("a, b,,c") == ["a", "b", "c"] and R.as_list(["x"]) == ["x"] and R.as_list(None) == []
-    assert R.variant("none", "none") == "fp32" and R.variant("ternary", "br") == "ternary BR"
-    assert R.variant_order(["4bit BR", "ternary BC", "fp32", "ternary BR"]) == ["fp32", "ternary BR", "ternary BC",
+    assert N.as_list("a, b,,c") == ["a", "b", "c"] and N.as_list(["x"]) == ["x"] and N.as_list(None) == []
+    assert N.variant("none", "none") == "fp32" and N.variant("ternary", "br") == "ternary BR"
+    assert N.variant_order(["4bit BR", "ternary BC", "fp32", "ternary BR"]) == ["fp32", "ternary BR", "ternary BC",
                                                                                "4bit BR"]

@@ -12,6 +12,7 @@ import pytest
 from fixtures_metrics import simple_metrics, write_tree
 from paper_repro import checks, stats, verify
 from paper_repro import claims as C
+from paper_repro import verdicts as V
 
 ACC = ("natural", "fgsm", "ifgsm20", "cw_ref")
 
@@ -62,34 +63,34 @@ def test_missing_named_run_is_not_run_even_with_a_look_alike():
                                                  "select": {"model": "en1resnet20", "loss": "tradeoff"}}}]}).numeric[0]
     look_alike = run("en1resnet20-ternary-br-tradeoff-wadv1", "tradeoff", 76.0, loss_params={"w_adv": 1, "w_nat": 1})
     row = verify.evaluate_numeric(claim, [look_alike])
-    assert row["verdict"] == C.NOT_RUN and row["run"] is None
+    assert row["verdict"] == V.NOT_RUN and row["run"] is None
     assert "no run named en1resnet20-ternary-br-tradeoff" in row["detail"] and "wadv1" in row["detail"]
     # the named run exists but is not what the registry says: a registry error, never a verdict
     wrong = run("en1resnet20-ternary-br-tradeoff", "pgd_at", 76.0)
     row = verify.evaluate_numeric(claim, [wrong])
-    assert row["verdict"] == C.REGISTRY_ERROR and "registry error" in row["detail"]
+    assert row["verdict"] == V.REGISTRY_ERROR and "registry error" in row["detail"]
 
 
 # --------------------------------------------------------------------------- 4. comparability
 def test_comparability_is_computed_from_the_recipe_in_effect():
     good = run("pgd", "pgd_at", 70.0)
-    assert C.deviations(good) == [] and C.is_comparable(good)
+    assert V.deviations(good) == [] and V.is_comparable(good)
     short = run("pgd", "pgd_at", 70.0, n=1000)  # labelled "paper", official data, but 5 epochs and PGD-5 on 10k images
     short["training"]["settings"].update(epochs=5, pgd={**short["training"]["settings"]["pgd"], "steps": 5})
     short["training"]["split"]["train_images"] = 10000
     short["seeds"] = [0]
-    devs = C.deviations(short)
-    assert not C.is_comparable(short)
+    devs = V.deviations(short)
+    assert not V.is_comparable(short)
     for text in ("epochs 5 vs 200", "PGD-5 vs PGD-10 training attack", "10,000 training images vs 45,000",
                  "1,000 test images vs 10,000", "1 noise seed(s) vs 5"):
         assert text in devs, (text, devs)
-    assert "not the official CIFAR-10 data (synthetic)" in C.deviations(run("p", "pgd_at", 70.0, official=False))
+    assert "not the official CIFAR-10 data (synthetic)" in V.deviations(run("p", "pgd_at", 70.0, official=False))
     mixed = run("p", "pgd_at", 70.0)
     mixed["accuracy"]["cw_ref"]["n"] = 500  # per-attack sizes are named per attack
-    assert "cw_ref on 500 test images vs 10,000" in C.deviations(mixed)
+    assert "cw_ref on 500 test images vs 10,000" in V.deviations(mixed)
     unknown = run("p", "pgd_at", 70.0)
     del unknown["training"]
-    assert any("recipe unknown" in d for d in C.deviations(unknown))
+    assert any("recipe unknown" in d for d in V.deviations(unknown))
 
 
 def test_not_comparable_verdicts_name_their_deviations():
@@ -99,7 +100,7 @@ def test_not_comparable_verdicts_name_their_deviations():
     for m in (base, other):
         m["training"]["settings"]["epochs"] = 10
     row = verify.evaluate_qualitative(c3, [base, other])
-    assert row["verdict"] == C.NOT_COMPARABLE and row["would_be"] == C.REPRODUCED
+    assert row["verdict"] == V.NOT_COMPARABLE and row["would_be"] == V.REPRODUCED
     assert "epochs 10 vs 200" in row["deviations"]
 
 
@@ -110,7 +111,7 @@ def test_a_run_that_never_trained_quantized_is_flagged():
 
     m = run("q", "pgd_at", 70.0, quantizer="4bit", levels=15)
     m["training"].update(phase2_epochs=0, trained_quantized=False)
-    assert any("never trained quantized" in d for d in C.deviations(m))
+    assert any("never trained quantized" in d for d in V.deviations(m))
     result = checks.quantized_benchmark_complete([dict(m, quantizer=q, run=q) for q in ("binary", "ternary", "4bit")])
     assert result.outcome == stats.FAILS and "trained quantized False" in result.detail
     c7 = next(c for c in C.load_registry().qualitative if c.id == "C7")
@@ -161,7 +162,7 @@ def test_no_effect_in_either_arm_is_inconclusive_not_a_failure():
     result = checks.tradeoff_raises_channel_sparsity(pair)
     assert result.outcome == stats.INCONCLUSIVE and "no effect in either arm" in result.detail
     c4 = next(c for c in C.load_registry().qualitative if c.id == "C4")
-    assert verify.evaluate_qualitative(c4, pair)["verdict"] == C.INCONCLUSIVE
+    assert verify.evaluate_qualitative(c4, pair)["verdict"] == V.INCONCLUSIVE
     # a small difference inside both arms' uncertainty is inconclusive too; a large one decides
     small = [simple_metrics("a", loss="pgd_at", channel=1.0), simple_metrics("b", loss="tradeoff", channel=1.3)]
     assert checks.tradeoff_raises_channel_sparsity(small).outcome == stats.INCONCLUSIVE
@@ -188,7 +189,7 @@ def test_interval_includes_test_set_sampling_for_a_deterministic_model():
     single = stats.accuracy_estimate([60.0], n=1000)
     assert single.lo == e.lo and "1 seed" in single.how
     m = simple_metrics("r", acc={"natural": 60.0}, n=1000)
-    measured = C.measure(m, "accuracy.natural.mean")
+    measured = V.measure(m, "accuracy.natural.mean")
     assert measured.ci95[1] - measured.ci95[0] > 5.0 and "Wilson" in measured.ci_method
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from fixtures_metrics import simple_metrics, write_metrics, write_tree
 from paper_repro import claims as C
+from paper_repro import verdicts as V
 from paper_repro import verify
 
 SOURCES = {"poster": {"title": "t", "ref": "r"}, "paper": {"title": "t", "ref": "r"}}
@@ -37,11 +38,11 @@ def verdict(claim: dict, metrics: list[dict]) -> dict:
 
 
 @pytest.mark.parametrize("reproduced, per_seed, expected", [
-    (75.0, True, C.REPRODUCED),
-    (76.5, False, C.REPRODUCED),      # |diff| 1.5 <= 2
-    (78.0, False, C.NOT_REPRODUCED),  # |diff| 3.0 > 2, no CI
-    (77.6, True, C.REPRODUCED),       # mean 2.6 off, but the CI reaches within 2
-    (80.0, True, C.NOT_REPRODUCED),
+    (75.0, True, V.REPRODUCED),
+    (76.5, False, V.REPRODUCED),      # |diff| 1.5 <= 2
+    (78.0, False, V.NOT_REPRODUCED),  # |diff| 3.0 > 2, no CI
+    (77.6, True, V.REPRODUCED),       # mean 2.6 off, but the CI reaches within 2
+    (80.0, True, V.NOT_REPRODUCED),
 ])
 def test_number_verdicts(reproduced, per_seed, expected):
     row = verdict(number("x", 75.0), [fp_run(natural=reproduced, per_seed=per_seed)])
@@ -51,25 +52,25 @@ def test_number_verdicts(reproduced, per_seed, expected):
 
 
 def test_missing_run_or_metric_is_not_run():
-    assert verdict(number("x", 75.0), [])["verdict"] == C.NOT_RUN
+    assert verdict(number("x", 75.0), [])["verdict"] == V.NOT_RUN
     row = verdict(number("x", 75.0, metric="accuracy.cw_ref.mean"), [fp_run()])
-    assert row["verdict"] == C.NOT_RUN and "missing" in row["detail"]
+    assert row["verdict"] == V.NOT_RUN and "missing" in row["detail"]
     unmapped = dict(number("x", 75.0), maps_to=None)
-    assert verdict(unmapped, [fp_run()])["verdict"] == C.NOT_RUN
+    assert verdict(unmapped, [fp_run()])["verdict"] == V.NOT_RUN
 
 
 @pytest.mark.parametrize("kw", [{"official": False}, {"profile": "smoke"}])
 def test_non_official_or_reduced_profile_is_not_comparable(kw):
     row = verdict(number("x", 75.0), [fp_run(natural=90.0, **kw)])
-    assert row["verdict"] == C.NOT_COMPARABLE
-    assert row["would_be"] == C.NOT_REPRODUCED
+    assert row["verdict"] == V.NOT_COMPARABLE
+    assert row["would_be"] == V.NOT_REPRODUCED
     assert row["reproduced"] == 90.0  # numbers still shown
     assert row["deviations"] and row["comparable"] is False
 
 
 def test_pending_shows_the_measurement():
     row = verdict(number("p", None, source="paper", citation=None), [fp_run(natural=71.0)])
-    assert row["verdict"] == C.PENDING and row["reproduced"] == 71.0 and row["difference"] is None
+    assert row["verdict"] == V.PENDING and row["reproduced"] == 71.0 and row["difference"] is None
 
 
 def test_run_writes_report_and_strict_code(tmp_path: Path):
@@ -79,7 +80,7 @@ def test_run_writes_report_and_strict_code(tmp_path: Path):
     assert report["exit_code"] == 1 and report["strict_failures"] == ["bad"]
     saved = json.loads((tmp_path / "reports" / "verification.json").read_text())
     assert {r["id"]: r["verdict"] for r in saved["numeric"]} == {
-        "good": C.REPRODUCED, "bad": C.NOT_REPRODUCED, "gone": C.NOT_RUN}
+        "good": V.REPRODUCED, "bad": V.NOT_REPRODUCED, "gone": V.NOT_RUN}
     md = (tmp_path / "reports" / "verification.md").read_text()
     assert "| good: resnet20 / A1 (cifar10) |" in md and "not reproduced" in md
     assert verify.run(tmp_path / "metrics", tmp_path / "r2", registry=reg, quiet=True)["exit_code"] == 0
@@ -103,8 +104,8 @@ def test_cli_main_and_arguments(tmp_path: Path, capsys):
     report = json.loads((tmp_path / "out" / "verification.json").read_text())
     verdicts = {r["id"]: r["verdict"] for r in report["qualitative"]}
     assert set(verdicts) == {f"C{i}" for i in range(1, 8)}
-    assert set(verdicts.values()) <= {C.REPRODUCED, C.INCONCLUSIVE}  # small effects on a tiny fixture may not decide
-    assert {k for k, v in verdicts.items() if v == C.REPRODUCED} >= {"C1", "C2", "C3", "C7"}
+    assert set(verdicts.values()) <= {V.REPRODUCED, V.INCONCLUSIVE}  # small effects on a tiny fixture may not decide
+    assert {k for k, v in verdicts.items() if v == V.REPRODUCED} >= {"C1", "C2", "C3", "C7"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("numeric: [{id: x, value: 1}]\nsources: {}\n")
     args = parser.parse_args(["--metrics", str(paths["metrics"]), "--out", str(tmp_path / "o2"),
@@ -128,7 +129,7 @@ def test_fixture_tree_is_not_comparable(tmp_path: Path):
     paths = write_tree(tmp_path / "tree")
     report = verify.run(paths["metrics"], tmp_path / "out", strict=True, quiet=True)
     assert report["exit_code"] == 0 and report["provenance"]["banner"]
-    assert report["counts"][C.NOT_COMPARABLE] > 0 and report["counts"][C.NOT_REPRODUCED] == 0
+    assert report["counts"][V.NOT_COMPARABLE] > 0 and report["counts"][V.NOT_REPRODUCED] == 0
 
 
 def test_mounted_in_the_package_cli(tmp_path: Path):
