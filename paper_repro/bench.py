@@ -36,7 +36,7 @@ from .models import build
 from .quant import BinaryRelax
 from .runtime import channels_last_for, use_amp
 from .stacked import build_stacked
-from .stacked_train import StackedRelax, stacked_train_step
+from .stacked_step import StackedRelax, stacked_train_step
 from .train import train_step
 
 MODELS = ("resnet20", "en5resnet20")

@@ -15,6 +15,8 @@ from .config import ARCHIVE_ENV
 COMMANDS = {
     "prepare": ("paper_repro.prepare", "verify and convert a CIFAR-10 archive into data/prepared/"),
     "train": ("paper_repro.train", "train one experiment of params.yaml into runs/<name>/"),
+    "train-stacked": ("paper_repro.train_stacked", "train several experiments that share a data pass as one stacked "
+                                                   "network, each into runs/<name>/ as train writes it"),
     "evaluate": ("paper_repro.evaluate", "evaluate one trained run into metrics/<name>.json"),
     "verify": ("paper_repro.verify", "check reported numbers and claims against metrics/"),
     "report": ("paper_repro.report", "execute the notebooks (papermill) into reports/ with HTML copies"),

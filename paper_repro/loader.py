@@ -45,7 +45,7 @@ class DeviceLoader:
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self._augment(idx) if self.augment else self.images[idx]
-            x = x.float().div_(255)
+            x = x.to(torch.get_default_dtype()).div_(255)  # fp32 unless a test asks for fp64
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]

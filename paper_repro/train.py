@@ -24,6 +24,7 @@ import math
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,11 @@ def make_model(experiment: Experiment, seed: int, device: torch.device, channels
     return model
 
 
+def make_optimizer(parameters: Any, settings: Settings) -> torch.optim.SGD:
+    t = settings.train
+    return torch.optim.SGD(parameters, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
+
+
 def make_relax(model: torch.nn.Module, experiment: Experiment, settings: Settings) -> BinaryRelax:
     r = settings.train.relax
     return BinaryRelax(model, experiment.quantizer if experiment.quantized else None, method=experiment.method,
@@ -168,7 +174,7 @@ def accuracy(model: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, b
     model.eval()
     correct = 0
     for i in range(0, y_all.numel(), batch):
-        x, y = x_all[i:i + batch].float().div(255), y_all[i:i + batch]
+        x, y = x_all[i:i + batch].to(torch.get_default_dtype()).div(255), y_all[i:i + batch]
         with autocast(amp, x.device):
             if attack is not None:
                 with torch.enable_grad():
@@ -227,20 +233,12 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
     t = settings.train
     device = pick_device(t.device)
     torch.manual_seed(t.seed)
-    data = load_prepared(settings.data.prepared, experiment.dataset)
-    train_idx, val_idx = validation_split(len(data.y_train), settings.data.val_size, settings.data.split_seed)
-    if t.val_examples is not None:
-        val_idx = val_idx[:t.val_examples]
+    data = training_data(settings, experiment.dataset, device)
     channels_last = channels_last_for(device, settings)
-    loader = DeviceLoader(data.x_train[train_idx], data.y_train[train_idx], t.batch_size, device,
-                          augment=t.augment, shuffle=True, drop_last=False, channels_last=channels_last)
-    x_val = torch.as_tensor(data.x_train[val_idx]).to(device)
-    y_val = torch.as_tensor(data.y_train[val_idx]).to(device)
 
     model = make_model(experiment, t.seed, device, channels_last, data.num_classes)
     relax = make_relax(model, experiment, settings)
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                nesterov=t.nesterov)
+    optimizer = make_optimizer(model.parameters(), settings)
     objective = objective_for(experiment, t.pgd)
     amp = use_amp(settings, device)
     if t.compile != "none":  # the module keeps its state-dict keys; attack, training and validation run compiled
@@ -248,34 +246,67 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
     no_phase2 = warn_no_phase2(settings, experiment)
     if no_phase2:
         print(no_phase2, flush=True)
-    select_on = selection_metric(experiment)
 
     md5 = data.meta.get("archive_md5")
-    traj = trajectory(settings, experiment, md5, amp)
-    fp = fingerprint(settings, experiment, md5, amp)
     exec_now = execution(settings, device)
     lock = RunLock(paths.lock).acquire()
     try:
-        if lock.took_over:
-            print(lock.took_over, flush=True)
-        for note in recover_folder(paths):
-            print(note, flush=True)
-        record = resumed_record(paths, experiment, settings, traj, exec_now, model, optimizer, relax, device,
-                                resume=resume, restart=restart)
-        if record is None:
-            record = {"epochs_done": 0, "history": [], "best": None, "wall_s": 0.0}
-            start_fresh(paths, experiment.name)
-        else:
-            mark_incomplete(paths, experiment.name)
-        record.update(fingerprint=fp, trajectory=traj, epochs=t.epochs, execution=exec_now)
-        if (record.get("best") or {}).get("fallback"):  # an extended run may now reach phase 2
-            record["best"] = None
-        return run_epochs(settings, experiment, paths, live_dir, record, model, relax, objective, optimizer, loader,
-                          x_val, y_val, amp, quiet, budget, data.meta, device, select_on,
-                          {"train_images": len(train_idx), "val_images": len(val_idx),
-                           "val_size": settings.data.val_size, "split_seed": settings.data.split_seed})
+        record = open_record(paths, experiment, settings, lock, md5, amp, exec_now, model, optimizer, relax, device,
+                             resume=resume, restart=restart)
+        return run_epochs(settings, experiment, paths, live_dir, record, model, relax, objective, optimizer,
+                          data.loader, data.x_val, data.y_val, amp, quiet, budget, data.meta, device, data.split)
     finally:
         lock.release()
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The shuffled training loader and the seeded hold-out (validation) images of one dataset, on the device."""
+    loader: DeviceLoader
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    meta: dict[str, Any]
+    num_classes: int
+    split: dict[str, int]
+
+
+def training_data(settings: Settings, dataset: str | None, device: torch.device) -> TrainingData:
+    t = settings.train
+    data = load_prepared(settings.data.prepared, dataset)
+    train_idx, val_idx = validation_split(len(data.y_train), settings.data.val_size, settings.data.split_seed)
+    if t.val_examples is not None:
+        val_idx = val_idx[:t.val_examples]
+    loader = DeviceLoader(data.x_train[train_idx], data.y_train[train_idx], t.batch_size, device,
+                          augment=t.augment, shuffle=True, drop_last=False,
+                          channels_last=channels_last_for(device, settings))
+    return TrainingData(loader, torch.as_tensor(data.x_train[val_idx]).to(device),
+                        torch.as_tensor(data.y_train[val_idx]).to(device), data.meta, data.num_classes,
+                        {"train_images": len(train_idx), "val_images": len(val_idx),
+                         "val_size": settings.data.val_size, "split_seed": settings.data.split_seed})
+
+
+def open_record(paths: RunPaths, experiment: Experiment, settings: Settings, lock: RunLock, md5: str | None, amp: bool,
+                exec_now: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, relax: BinaryRelax,
+                device: torch.device, *, resume: bool, restart: bool) -> dict[str, Any]:
+    """The run's record to continue (its state loaded into model/optimizer/relax) or a fresh one (the folder
+    emptied); the folder is marked INCOMPLETE either way. Called with the run lock held."""
+    if lock.took_over:
+        print(lock.took_over, flush=True)
+    for note in recover_folder(paths):
+        print(note, flush=True)
+    traj = trajectory(settings, experiment, md5, amp)
+    record = resumed_record(paths, experiment, settings, traj, exec_now, model, optimizer, relax, device,
+                            resume=resume, restart=restart)
+    if record is None:
+        record = {"epochs_done": 0, "history": [], "best": None, "wall_s": 0.0}
+        start_fresh(paths, experiment.name)
+    else:
+        mark_incomplete(paths, experiment.name)
+    record.update(fingerprint=fingerprint(settings, experiment, md5, amp), trajectory=traj, epochs=settings.train.epochs,
+                  execution=exec_now)
+    if (record.get("best") or {}).get("fallback"):  # an extended run may now reach phase 2
+        record["best"] = None
+    return record
 
 
 def resumed_record(paths: RunPaths, experiment: Experiment, settings: Settings, traj: dict[str, Any],
@@ -328,7 +359,7 @@ def resumed_record(paths: RunPaths, experiment: Experiment, settings: Settings, 
 def run_epochs(settings: Settings, experiment: Experiment, paths: RunPaths, live_dir: Path, record: dict[str, Any],
                model: torch.nn.Module, relax: BinaryRelax, objective: Objective, optimizer: torch.optim.Optimizer,
                loader: DeviceLoader, x_val: torch.Tensor, y_val: torch.Tensor, amp: bool, quiet: bool,
-               budget: EpochBudget | None, data_meta: dict[str, Any], device: torch.device, select_on: str,
+               budget: EpochBudget | None, data_meta: dict[str, Any], device: torch.device,
                split: dict[str, int]) -> dict[str, Any]:
     """The epochs still to do, then train.json; called with the run lock held."""
     t = settings.train
@@ -336,17 +367,7 @@ def run_epochs(settings: Settings, experiment: Experiment, paths: RunPaths, live
     if budget is not None and record["epochs_done"]:
         budget.prior = record["wall_s"] / record["epochs_done"]
     stopped = None
-
-    from dvclive import Live
-    # The log is derived from the saved history: rebuilt on every call, so its steps continue after a
-    # resume, it never holds an epoch the state does not (a kill between the two) and no partial file
-    # of a killed call survives.
-    shutil.rmtree(live_dir, ignore_errors=True)
-    with Live(dir=str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None) as live:
-        live.log_params({"run": experiment.name, "model": experiment.model, "quantizer": experiment.quantizer,
-                         "method": sidecar["method"], "loss": experiment.loss, "profile": settings.profile})
-        for stats in record["history"]:
-            log_epoch(live, stats)
+    with open_live(live_dir, experiment, settings, sidecar, record) as live:
         for epoch in range(record["epochs_done"], t.epochs):
             if budget is not None and not budget.next_epoch_fits():
                 stopped = budget.stop_message(experiment.name, epoch, t.epochs, paths.state)
@@ -359,36 +380,55 @@ def run_epochs(settings: Settings, experiment: Experiment, paths: RunPaths, live
                 stats = train_epoch(model, relax, objective, loader, optimizer, epoch, t.seed, amp, quiet, settings)
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"{e}; {last_good(paths, record)}") from None
-            bad = non_finite(state_tensors(model, optimizer))
-            if bad:
-                raise TrainingDiverged(f"non-finite {', '.join(bad[:3])}{'...' if len(bad) > 3 else ''} after epoch "
-                                       f"{epoch + 1} (the loss stayed finite); {last_good(paths, record)}")
-            stats.update(validate(model, relax, x_val, y_val, settings, amp))
-            stats.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], eta=relax.eta, phase=relax.phase(epoch))
-            selectable = relax.selectable(epoch)
-            improved = selectable and (record["best"] is None or stats[select_on] > record["best"][select_on])
-            relax.end_epoch(epoch)
-            record["wall_s"] += time.perf_counter() - start
-            record["history"].append(stats)
-            record["epochs_done"] = epoch + 1
-            if improved:
-                record["best"] = {**{k: stats[k] for k in ("epoch", "val_pgd_acc", "val_natural_acc", "phase")},
-                                  "metric": select_on}
-                save_selected(paths, model, relax, {**sidecar, "selected": record["best"]}, epoch + 1)
-            save_state(paths, model, optimizer, relax, record, epoch + 1)
-            fault("after-state", epoch + 1)
-            log_epoch(live, stats)
-            fault("after-log", epoch + 1)
-            print(f"{experiment.name} epoch {epoch + 1}/{t.epochs} phase {stats['phase']} lr {stats['lr']:.4g} "
-                  f"loss {stats['train_loss']:.3f} train {stats['train_acc']:.1f}% val nat "
-                  f"{stats['val_natural_acc']:.1f}% pgd {stats['val_pgd_acc']:.1f}% "
-                  f"({stats['images_per_s']:.0f} img/s){' *' if improved else ''}", flush=True)
+            close_epoch(settings, experiment, paths, live, record, sidecar, model, relax, optimizer, stats, epoch,
+                        x_val, y_val, amp, start)
             if budget is not None:
                 budget.epoch_done()
 
     if stopped:
         raise BudgetReached(stopped)
+    return finish_run(settings, experiment, paths, record, sidecar, model, relax)
 
+
+def close_epoch(settings: Settings, experiment: Experiment, paths: RunPaths, live: Any, record: dict[str, Any],
+                sidecar: dict[str, Any], model: torch.nn.Module, relax: BinaryRelax, optimizer: torch.optim.Optimizer,
+                stats: dict[str, Any], epoch: int, x_val: torch.Tensor, y_val: torch.Tensor, amp: bool,
+                start: float) -> None:
+    """After an epoch's steps: refuse non-finite weights, validate Q(W), select, save the state (and the selected
+    model), log the epoch; ``start`` is the epoch's perf_counter start (its wall time includes all this)."""
+    select_on = selection_metric(experiment)
+    bad = non_finite(state_tensors(model, optimizer))
+    if bad:
+        raise TrainingDiverged(f"non-finite {', '.join(bad[:3])}{'...' if len(bad) > 3 else ''} after epoch "
+                               f"{epoch + 1} (the loss stayed finite); {last_good(paths, record)}")
+    stats.update(validate(model, relax, x_val, y_val, settings, amp))
+    stats.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], eta=relax.eta, phase=relax.phase(epoch))
+    selectable = relax.selectable(epoch)
+    improved = selectable and (record["best"] is None or stats[select_on] > record["best"][select_on])
+    relax.end_epoch(epoch)
+    record["wall_s"] += time.perf_counter() - start
+    record["history"].append(stats)
+    record["epochs_done"] = epoch + 1
+    if improved:
+        record["best"] = {**{k: stats[k] for k in ("epoch", "val_pgd_acc", "val_natural_acc", "phase")},
+                          "metric": select_on}
+        save_selected(paths, model, relax, {**sidecar, "selected": record["best"]}, epoch + 1)
+    save_state(paths, model, optimizer, relax, record, epoch + 1)
+    fault("after-state", epoch + 1)
+    log_epoch(live, stats)
+    fault("after-log", epoch + 1)
+    print(f"{experiment.name} epoch {epoch + 1}/{settings.train.epochs} phase {stats['phase']} lr {stats['lr']:.4g} "
+          f"loss {stats['train_loss']:.3f} train {stats['train_acc']:.1f}% val nat "
+          f"{stats['val_natural_acc']:.1f}% pgd {stats['val_pgd_acc']:.1f}% "
+          f"({stats['images_per_s']:.0f} img/s){' *' if improved else ''}", flush=True)
+
+
+def finish_run(settings: Settings, experiment: Experiment, paths: RunPaths, record: dict[str, Any],
+               sidecar: dict[str, Any], model: torch.nn.Module, relax: BinaryRelax,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every epoch done: the selected model (the last epoch when no phase-2 epoch could be chosen), then train.json
+    (plus ``extra``), then the folder is no longer INCOMPLETE."""
+    select_on = selection_metric(experiment)
     if record["best"] is None:  # e.g. hard_epoch == epochs: no fully quantized epoch to choose from
         record["best"] = {**{k: record["history"][-1][k] for k in ("epoch", "val_pgd_acc", "val_natural_acc",
                                                                  "phase")}, "metric": select_on,
@@ -396,12 +436,28 @@ def run_epochs(settings: Settings, experiment: Experiment, paths: RunPaths, live
         save_selected(paths, model, relax, {**sidecar, "selected": record["best"]}, record["epochs_done"])
     fault("summary", record["epochs_done"])
     phase2 = sum(1 for h in record["history"] if h["phase"] == 2)
-    summary = {**sidecar, "selected": record["best"], "epochs": t.epochs, "history": record["history"],
+    summary = {**sidecar, "selected": record["best"], "epochs": settings.train.epochs, "history": record["history"],
                "phase2_epochs": phase2, "trained_quantized": (not experiment.quantized) or phase2 > 0,
-               "wall_s": record["wall_s"], "versions": checkpoint.versions(), "fingerprint": record["fingerprint"]}
+               "wall_s": record["wall_s"], "versions": checkpoint.versions(), "fingerprint": record["fingerprint"],
+               **(extra or {})}
     atomic.write_json(paths.summary, summary, indent=2, sort_keys=True)
     paths.incomplete.unlink(missing_ok=True)  # the folder now holds one finished run
     return summary
+
+
+def open_live(live_dir: Path, experiment: Experiment, settings: Settings, sidecar: dict[str, Any],
+              record: dict[str, Any]) -> Any:
+    """The DVCLive log, derived from the saved history: rebuilt on every call, so its steps continue after a
+    resume, it never holds an epoch the state does not (a kill between the two) and no partial file of a killed
+    call survives."""
+    from dvclive import Live
+    shutil.rmtree(live_dir, ignore_errors=True)
+    live = Live(dir=str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None)
+    live.log_params({"run": experiment.name, "model": experiment.model, "quantizer": experiment.quantizer,
+                     "method": sidecar["method"], "loss": experiment.loss, "profile": settings.profile})
+    for stats in record["history"]:
+        log_epoch(live, stats)
+    return live
 
 
 LIVE_KEYS = ("train_loss", "train_acc", "val_natural_acc", "val_pgd_acc", "lr", "eta", "phase")

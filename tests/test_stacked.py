@@ -11,7 +11,7 @@ from paper_repro.losses import objective_for
 from paper_repro.models import build
 from paper_repro.quant import BinaryRelax
 from paper_repro.stacked import stack_models, stack_state_dicts, unstack_models, unstack_state_dict
-from paper_repro.stacked_train import StackedRelax, check_objectives, stacked_pgd, stacked_train_step
+from paper_repro.stacked_step import StackedRelax, check_objectives, stacked_pgd, stacked_train_step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

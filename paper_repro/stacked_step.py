@@ -26,8 +26,8 @@ from .losses import Objective
 from .quant import BinaryRelax
 from .runtime import autocast
 from .stacked import StackedEnResNet, split_member_key, stacked_name
+from .stacking import STACKABLE_LOSSES
 
-STACKABLE_LOSSES = ("natural", "pgd_at", "tradeoff")
 
 
 def check_objectives(objectives: Sequence[Objective]) -> None:
