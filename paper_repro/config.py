@@ -2,15 +2,12 @@
 
 Every section is a frozen dataclass; loading rejects unknown keys, wrong types and out-of-range
 values with one line naming the key (``params.yaml: train.epochs must be >= 1, got -3``), so a bad
-setting fails before any work starts rather than hours into a run.
+setting fails before any work starts rather than hours into a run. The reading rules live in typed_yaml.py,
+the ``evaluate`` section in evaluation_settings.py (both re-exported here: ``config.EvaluateSettings``).
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +15,12 @@ from typing import Any, Literal
 import yaml
 
 from . import recipe
+from .evaluation_settings import EvalAttack, EvaluateSettings
+from .typed_yaml import (ConfigError, StrictLoader, apply_override, build, check as _check, parse_yaml,
+                         positive_or_none as _positive_or_none, to_dict)
+
+__all__ = ["ConfigError", "StrictLoader", "parse_yaml", "to_dict", "EvalAttack", "EvaluateSettings", "Settings",
+           "Experiment", "DataSettings", "TrainSettings", "AttackSettings", "RelaxSettings", "load", "from_dict"]
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -40,9 +43,6 @@ LOSSES = ("natural", "pgd_at", "tradeoff", "trades")
 PROFILES = ("paper", "gpu", "cpu", "smoke", "test")
 
 
-class ConfigError(ValueError):
-    """A setting is missing, unknown or out of range; the message names the key."""
-
 
 # --------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class DataSettings:
     prepared: str = "data/prepared"
     train_limit: int | None = None
     test_limit: int | None = None
-    expect_counts: list[int] | None = dataclasses.field(default_factory=lambda: [50000, 10000])
+    expect_counts: list[int] | None = field(default_factory=lambda: [50000, 10000])
     val_size: int = recipe.VAL_IMAGES
     split_seed: int = 0
     dataset: str = recipe.DEFAULT_DATASET   # the profile's dataset; an experiment may name another
@@ -147,145 +147,6 @@ class TrainSettings:
         self.pgd.validate(f"{at}.pgd")
         self.val_attack.validate(f"{at}.val_attack")
         self.relax.validate(f"{at}.relax")
-        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
-               f"{at}.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-
-
-@dataclass(frozen=True)
-class EvalAttack:
-    """One evaluation attack: ``attack`` names a function of paper_repro.attacks (or "natural"),
-    ``options`` are its extra keyword arguments (checked against its signature when evaluate starts).
-
-    Paper attacks run at ``eps``; audit attacks run once per ``evaluate.audit_eps`` (their ``eps``
-    is ignored). ``noise: false`` switches a noisy model's noise off for this attack and its scoring;
-    ``noisy_only`` skips the attack (saying so) on a model without active noise. ``eot`` is the
-    number of noise draws averaged per gradient (1 on a model without active noise).
-    """
-    attack: str
-    eps: float = recipe.PAPER_EPS
-    options: dict[str, Any] = field(default_factory=dict)
-    eot: int = 1
-    noise: bool = True
-    noisy_only: bool = False
-    paper_column: str | None = None
-    label: str | None = None
-    n_examples: int | None = None  # test images for this attack (null: evaluate.n_examples / audit_examples)
-
-    NAMES: typing.ClassVar[tuple[str, ...]] = (
-        "natural", "fgsm", "ifgsm20", "pgd", "cw_ref", "cw_linf", "autoattack")
-
-    def validate(self, at: str) -> None:
-        _check(self.attack in self.NAMES, f"{at}.attack must be one of {self.NAMES}, got {self.attack!r}")
-        _check(0 <= self.eps <= 1, f"{at}.eps must be in [0, 1], got {self.eps}")
-        _check(self.eot >= 1, f"{at}.eot must be >= 1, got {self.eot}")
-        _positive_or_none(self.n_examples, f"{at}.n_examples")
-        for key in ("eps", "eot", "generator", "seed", "model", "x", "y"):
-            _check(key not in self.options, f"{at}.options.{key} is set by the evaluation itself; remove it")
-
-
-@dataclass(frozen=True)
-class EvaluateSettings:
-    """Evaluation of one run; the defaults are the paper profile (full 10k test set, 5 noise seeds).
-
-    The first ``n_examples`` / ``audit_examples`` / ``sanity_examples`` test images are used (null:
-    all). ``attacks`` and ``audit_attacks`` replace the defaults as a whole when given.
-    ``audit_seeds`` null = ``seeds``. Sanity checks (gradient masking, Carlini et al. 2019) run on
-    one seed: PGD with ``sanity_steps`` at ``sanity_eps[0]``, an eps sweep with max(sanity_steps)
-    steps (step 2.5 eps / steps), Square with ``square_queries`` and a transfer from the float twin.
-    """
-
-    @staticmethod
-    def paper_attacks() -> dict[str, EvalAttack]:
-        """The paper's columns A1-A4 (paper-spec section 6; the column names are recipe.PAPER_COLUMNS)."""
-        col = recipe.PAPER_COLUMNS
-        return {
-            "natural": EvalAttack("natural", eps=0.0, paper_column=col["natural"], label="natural (clean) accuracy"),
-            "fgsm": EvalAttack("fgsm", eps=recipe.PAPER_EPS, paper_column=col["fgsm"], label="FGSM, one sign step"),
-            "ifgsm20": EvalAttack("ifgsm20", eps=recipe.PAPER_EPS, paper_column=col["ifgsm20"],
-                                  label="IFGSM20: 20 steps of 1/255, no random start"),
-            # Reference quirk kept as the default because it produced the reported A4 numbers: under
-            # PyTorch 0.4 the reference's w, x and the rescaled image share storage ("aliased").
-            "cw_ref": EvalAttack("cw_ref", eps=recipe.PAPER_EPS, paper_column=col["cw_ref"],
-                                 options={"variant": "aliased"},
-                                 label="C&W, the reference variant (not standard Carlini-Wagner; unclamped; "
-                                       "reference aliasing of w and x reproduced)"),
-        }
-
-    @staticmethod
-    def audit_defaults() -> dict[str, EvalAttack]:
-        """What a reviewer asks of a randomized, quantized defense (run at each evaluate.audit_eps)."""
-        return {
-            "pgd50_eot": EvalAttack("pgd", options={"steps": 50, "step": 1 / 255, "restarts": 3,
-                                                    "random_start": True},
-                                    eot=10, label="PGD-50 (step 1/255, 3 restarts, EOT 10 over the noise)"),
-            "cw_linf": EvalAttack("cw_linf", options={"steps": 50, "step": 1 / 255, "restarts": 1}, eot=10,
-                                  label="CW-Linf: PGD-50 on the margin loss, EOT 10"),
-            "autoattack_rand": EvalAttack("autoattack", options={"version": "rand", "steps": 100}, noisy_only=True,
-                                          label="AutoAttack rand (APGD-CE + APGD-DLR, EOT 20), noise on"),
-            "autoattack_standard_noise_off": EvalAttack(
-                "autoattack", options={"version": "standard", "steps": 100}, noise=False,
-                label="AutoAttack standard on the same weights with the noise switched off"),
-        }
-
-    @staticmethod
-    def check_seeds(seeds: list[int], key: str) -> None:
-        _check(len(seeds) >= 1, f"{key} must list at least one seed")
-        _check(all(s >= 0 for s in seeds) and len(set(seeds)) == len(seeds),
-               f"{key} must be distinct seeds >= 0, got {seeds}")
-
-    n_examples: int | None = recipe.TEST_IMAGES
-    batch_size: int = 500
-    seeds: list[int] = field(default_factory=lambda: list(range(recipe.EVAL_SEEDS)))
-    attacks: dict[str, EvalAttack] = field(default_factory=paper_attacks)
-    audit: bool = True
-    audit_examples: int | None = 1000
-    audit_seeds: list[int] | None = None
-    audit_eps: list[float] = field(default_factory=lambda: [recipe.PAPER_EPS, 8 / 255])
-    audit_attacks: dict[str, EvalAttack] = field(default_factory=audit_defaults)
-    sanity: bool = True
-    sanity_examples: int | None = 500
-    sanity_seed: int = 0
-    sanity_eps: list[float] = field(default_factory=lambda: [recipe.PAPER_EPS, 0.1, 0.3, 1.0])
-    sanity_steps: list[int] = field(default_factory=lambda: [10, 50, 100])
-    sanity_eot: int = 1
-    sanity_zero_acc: float = 2.0
-    sanity_tolerance: float = 1.0
-    square_queries: int = 1000
-    export_packed: bool = False
-    device: str = "auto"
-    amp: Literal["auto", "bf16", "off"] = "auto"
-
-    def validate(self, at: str) -> None:
-        _positive_or_none(self.n_examples, f"{at}.n_examples")
-        _positive_or_none(self.audit_examples, f"{at}.audit_examples")
-        _positive_or_none(self.sanity_examples, f"{at}.sanity_examples")
-        _check(self.batch_size >= 1, f"{at}.batch_size must be >= 1, got {self.batch_size}")
-        self.check_seeds(self.seeds, f"{at}.seeds")
-        if self.audit_seeds is not None:
-            self.check_seeds(self.audit_seeds, f"{at}.audit_seeds")
-        _check(self.sanity_seed >= 0, f"{at}.sanity_seed must be >= 0, got {self.sanity_seed}")
-        _check(len(self.attacks) >= 1, f"{at}.attacks must list at least one attack")
-        for name, a in [*self.attacks.items(), *self.audit_attacks.items()]:
-            where = f"{at}.{'attacks' if name in self.attacks else 'audit_attacks'}.{name}"
-            _check(re.fullmatch(r"[A-Za-z0-9_.+-]+", name) is not None,
-                   f"{where}: attack names use letters, digits and _.+- only")
-            a.validate(where)
-        both = sorted(set(self.attacks) & set(self.audit_attacks))
-        _check(not both, f"{at}.audit_attacks.{both[0] if both else ''} is also in {at}.attacks; rename one")
-        _check(len(self.audit_eps) >= 1 and all(0 < e <= 1 for e in self.audit_eps),
-               f"{at}.audit_eps must list eps values in (0, 1], got {self.audit_eps}")
-        _check(len(set(self.audit_eps)) == len(self.audit_eps), f"{at}.audit_eps has duplicates: {self.audit_eps}")
-        _check(len(self.sanity_eps) >= 2 and all(0 < e <= 1 for e in self.sanity_eps)
-               and list(self.sanity_eps) == sorted(set(self.sanity_eps)),
-               f"{at}.sanity_eps must be >= 2 increasing eps values in (0, 1], got {self.sanity_eps}")
-        _check(len(self.sanity_steps) >= 2 and self.sanity_steps[0] >= 1
-               and list(self.sanity_steps) == sorted(set(self.sanity_steps)),
-               f"{at}.sanity_steps must be >= 2 increasing step counts >= 1, got {self.sanity_steps}")
-        _check(self.sanity_eot >= 1, f"{at}.sanity_eot must be >= 1, got {self.sanity_eot}")
-        _check(0 <= self.sanity_zero_acc <= 100,
-               f"{at}.sanity_zero_acc must be in [0, 100] (%), got {self.sanity_zero_acc}")
-        _check(self.sanity_tolerance >= 0, f"{at}.sanity_tolerance must be >= 0 (points), got {self.sanity_tolerance}")
-        _check(self.square_queries >= 1, f"{at}.square_queries must be >= 1, got {self.square_queries}")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
                f"{at}.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
@@ -423,30 +284,6 @@ def quantizer_options(scheme: str | None, options: dict[str, Any]) -> dict[str, 
 
 
 # --------------------------------------------------------------------------- loading
-class StrictLoader(yaml.SafeLoader):
-    """YAML for params: a repeated key is an error (PyYAML keeps the last one silently), and floats follow
-    YAML 1.2 (``1e6`` and ``5e-4`` are numbers; PyYAML's YAML 1.1 rules read them as strings)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise ConfigError(f"duplicate key {key!r} (lines {seen[key]} and {key_node.start_mark.line + 1})")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
-
-
-def parse_yaml(text: str) -> Any:
-    """``text`` read with StrictLoader (ConfigError for duplicate keys, as for invalid YAML)."""
-    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
-
-
 def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Settings:
     """Read params.yaml (plus ``key.sub=value`` overrides) into validated Settings."""
     path = Path(path)
@@ -462,7 +299,7 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return from_dict(raw, origin=str(path))
 
 
@@ -470,15 +307,15 @@ def from_dict(raw: dict[str, Any], origin: str = "params") -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        raw = _experiments_as_list(raw)
-        settings = _build(Settings, raw, "")
+        raw = experiments_as_list(raw)
+        settings = build(Settings, raw, "")
         settings.validate("")
     except ConfigError as e:
         raise ConfigError(f"{origin}: {e}") from None
     return settings
 
 
-def _experiments_as_list(raw: dict[str, Any]) -> dict[str, Any]:
+def experiments_as_list(raw: dict[str, Any]) -> dict[str, Any]:
     """params.yaml keeps experiments as a mapping name -> settings (DVC's foreach names stages by key)."""
     experiments = (raw or {}).get("experiments")
     if experiments is None or isinstance(experiments, list):
@@ -495,100 +332,6 @@ def _experiments_as_list(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "experiments": listed}
 
 
-def to_dict(obj: Any) -> Any:
-    """Settings -> plain JSON-serialisable dict (for sidecars and provenance)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    dotted, value = item.split("=", 1)
-    node = raw
-    keys = dotted.split(".")
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {key} is not a section")
-    try:
-        node[keys[-1]] = parse_yaml(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: not valid YAML ({e.__class__.__name__})") from None
-
-
-def _build(cls: type, raw: Any, path: str) -> Any:
-    """Dict -> dataclass ``cls``; ``path`` is the dotted key prefix used in error messages."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'settings'} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"unknown key {_join(path, unknown[0])} (allowed: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in raw:
-            kwargs[f.name] = _coerce(hints[f.name], raw[f.name], _join(path, f.name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing key {_join(path, f.name)}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key} must not be null")
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
-        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported setting type {tp}")  # pragma: no cover - programming error
-
-
 def _known_model(name: str) -> bool:
     """The names paper_repro.models.build accepts (checked here without importing torch)."""
     m, w, v = RESNET_NAME.match(name), WRN_NAME.match(name), VGG_NAME.match(name)
@@ -597,16 +340,3 @@ def _known_model(name: str) -> bool:
     if w is not None:
         return (int(w["depth"]) - 4) % 6 == 0 and int(w["depth"]) >= 10
     return v is not None and int(v["depth"]) in VGG_DEPTHS
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _positive_or_none(value: int | None, key: str) -> None:
-    _check(value is None or value >= 1, f"{key} must be >= 1 or null, got {value}")

@@ -109,7 +109,7 @@ def _yaml() -> YAML:
 
 def check(path: Path) -> list[str]:
     """The settings ``path`` leaves to a code default (empty: the file is complete)."""
-    written = config._experiments_as_list(config.parse_yaml(path.read_text()) or {})
+    written = config.experiments_as_list(config.parse_yaml(path.read_text()) or {})
     written["experiments"] = {e["name"]: e for e in written.get("experiments") or []}
     full = resolved(config.load(path))
     return missing_keys(written, full)

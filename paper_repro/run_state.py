@@ -2,8 +2,9 @@
 trajectory and its fingerprint), the checkpoints a run saves (never a non-finite tensor), and the run
 folder's lifecycle (recovered after a crash, marked INCOMPLETE until train.json, emptied on a fresh start).
 
-Why a module of its own: ``train`` is the loop; these rules decide whether its progress survives a kill, a
-changed setting or a divergence (issue 17), and tests/test_faults.py exercises them at injected points.
+Why a module of its own: ``train`` (and ``train_stacked``) is the loop; these rules decide whether its progress
+survives a kill, a changed setting or a divergence (issue 17), and tests/test_faults.py exercises them at injected
+points. ``open_record`` is where a call meets the folder: recover it, then continue its state or start fresh.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from . import atomic, checkpoint, config
 from .config import ConfigError, Experiment, Settings
 from .quant import BinaryRelax
-from .runtime import RunPaths, fault
+from .runtime import RunLock, RunPaths, fault
 
 
 class TrainingDiverged(RuntimeError):
@@ -230,3 +231,75 @@ def last_good(paths: RunPaths, record: dict[str, Any]) -> str:
     selected = f"; the selected model ({paths.deployed}) is epoch {best['epoch']}" if best else ""
     return (f"the last good state is the end of epoch {done} ({paths.state}, all finite){selected}; lower train.lr "
             f"or check the data, then rerun with --resume --restart")
+
+
+# --------------------------------------------------------------------------- opening a run (lock held)
+def open_record(paths: RunPaths, experiment: Experiment, settings: Settings, lock: RunLock, md5: str | None, amp: bool,
+                exec_now: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, relax: BinaryRelax,
+                device: torch.device, *, resume: bool, restart: bool) -> dict[str, Any]:
+    """The run's record to continue (its state loaded into model/optimizer/relax) or a fresh one (the folder
+    emptied); the folder is marked INCOMPLETE either way. Called with the run lock held."""
+    if lock.took_over:
+        print(lock.took_over, flush=True)
+    for note in recover_folder(paths):
+        print(note, flush=True)
+    traj = trajectory(settings, experiment, md5, amp)
+    record = resumed_record(paths, experiment, settings, traj, exec_now, model, optimizer, relax, device,
+                            resume=resume, restart=restart)
+    if record is None:
+        record = {"epochs_done": 0, "history": [], "best": None, "wall_s": 0.0}
+        start_fresh(paths, experiment.name)
+    else:
+        mark_incomplete(paths, experiment.name)
+    record.update(fingerprint=fingerprint(settings, experiment, md5, amp), trajectory=traj, epochs=settings.train.epochs,
+                  execution=exec_now)
+    if (record.get("best") or {}).get("fallback"):  # an extended run may now reach phase 2
+        record["best"] = None
+    return record
+
+
+def resumed_record(paths: RunPaths, experiment: Experiment, settings: Settings, traj: dict[str, Any],
+                   exec_now: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   relax: BinaryRelax, device: torch.device, *, resume: bool, restart: bool) -> dict[str, Any] | None:
+    """The saved record, loaded into model/optimizer/relax, when this call continues it; None: start
+    from scratch. Never discards finished epochs under --resume without --restart."""
+    side = checkpoint.sidecar_path(paths.state)
+    if not (paths.state.is_file() or side.is_file()):
+        return None
+    try:
+        saved = checkpoint.read_sidecar(paths.state)
+        done = int(saved.get("epochs_done", 0))
+    except checkpoint.CheckpointError as err:
+        saved, done = None, None
+        problem = str(err)
+    if not resume:
+        if done:
+            print(f"starting {experiment.name} from scratch: discarding the {done} finished epoch(s) in {paths.state} "
+                  f"(train --resume continues them)", flush=True)
+        return None
+    if saved is not None:
+        diffs, notes = resume_notes(saved, traj, legacy_fingerprint(settings, experiment, traj["data.archive_md5"]),
+                                    settings, exec_now, paths.state)
+        if diffs:
+            what = "; ".join(diffs)
+            if not restart:
+                raise SettingsChanged(f"{experiment.name}: the saved state ({done} finished epoch(s), {paths.state}) was "
+                                      f"trained with settings that change the training: {what}; restore them to "
+                                      f"continue, or rerun with --resume --restart to discard those epochs and start again")
+            print(f"--restart: {experiment.name}: settings differ from the saved state's ({what}): discarding its {done} "
+                  f"finished epoch(s) and starting again", flush=True)
+            return None
+        try:
+            record = load_state(paths, model, optimizer, relax, device)
+        except (checkpoint.CheckpointError, ResumeError) as err:
+            problem = str(err).split("; rerun with")[0]
+        else:
+            for note in notes:
+                print(f"note: {note}", flush=True)
+            print(f"resuming {experiment.name} after epoch {record['epochs_done']}", flush=True)
+            return record
+    if not restart:
+        raise ResumeError(f"cannot resume {experiment.name}: {problem}; rerun with --resume --restart to discard the "
+                          f"saved state and start again")
+    print(f"--restart: the saved state of {experiment.name} cannot be read ({problem}): starting again", flush=True)
+    return None

@@ -9,6 +9,10 @@ Reproducibility: every random stream (data order, augmentation, attack start, mo
 at the start of each epoch from (train.seed, epoch), so ``--resume`` from an epoch checkpoint repeats
 an uninterrupted run exactly on CPU.
 
+Kept whole (~440 lines): the loop reads as one sequence, set-up -> epochs -> finish, and its per-epoch pieces
+(``training_data``, ``close_epoch``, ``finish_run``, ``open_live``) are what ``train_stacked`` reuses, so that a
+stacked run's folder is this module's.
+
 Crash safety (issue 17; the rules live in run_state.py): one training at a time owns the run folder (runtime.RunLock); the folder is
 marked INCOMPLETE until train.json is written, and a fresh start removes the previous run's files
 first; every checkpoint is written as a weights/sidecar unit that ``checkpoint.recover`` completes or
@@ -41,9 +45,8 @@ from .losses import Objective, objective_for
 from .models import build
 from .models.enresnet import derive_seed
 from .quant import BinaryRelax
-from .run_state import (ResumeError, SettingsChanged, TrainingDiverged, execution, fingerprint, last_good,
-                        legacy_fingerprint, load_state, mark_incomplete, non_finite, recover_folder, resume_notes,
-                        save_selected, save_state, start_fresh, state_tensors, trajectory)
+from .run_state import (ResumeError, SettingsChanged, TrainingDiverged, execution, last_good,  # noqa: F401 - the
+                        non_finite, open_record, save_selected, save_state, state_tensors)  # errors train raises
 from .attacks import pgd
 
 CHECK_FINITE_EVERY = 25  # steps between (syncing) checks that the loss is finite
@@ -283,77 +286,6 @@ def training_data(settings: Settings, dataset: str | None, device: torch.device)
                         torch.as_tensor(data.y_train[val_idx]).to(device), data.meta, data.num_classes,
                         {"train_images": len(train_idx), "val_images": len(val_idx),
                          "val_size": settings.data.val_size, "split_seed": settings.data.split_seed})
-
-
-def open_record(paths: RunPaths, experiment: Experiment, settings: Settings, lock: RunLock, md5: str | None, amp: bool,
-                exec_now: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, relax: BinaryRelax,
-                device: torch.device, *, resume: bool, restart: bool) -> dict[str, Any]:
-    """The run's record to continue (its state loaded into model/optimizer/relax) or a fresh one (the folder
-    emptied); the folder is marked INCOMPLETE either way. Called with the run lock held."""
-    if lock.took_over:
-        print(lock.took_over, flush=True)
-    for note in recover_folder(paths):
-        print(note, flush=True)
-    traj = trajectory(settings, experiment, md5, amp)
-    record = resumed_record(paths, experiment, settings, traj, exec_now, model, optimizer, relax, device,
-                            resume=resume, restart=restart)
-    if record is None:
-        record = {"epochs_done": 0, "history": [], "best": None, "wall_s": 0.0}
-        start_fresh(paths, experiment.name)
-    else:
-        mark_incomplete(paths, experiment.name)
-    record.update(fingerprint=fingerprint(settings, experiment, md5, amp), trajectory=traj, epochs=settings.train.epochs,
-                  execution=exec_now)
-    if (record.get("best") or {}).get("fallback"):  # an extended run may now reach phase 2
-        record["best"] = None
-    return record
-
-
-def resumed_record(paths: RunPaths, experiment: Experiment, settings: Settings, traj: dict[str, Any],
-                   exec_now: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   relax: BinaryRelax, device: torch.device, *, resume: bool, restart: bool) -> dict[str, Any] | None:
-    """The saved record, loaded into model/optimizer/relax, when this call continues it; None: start
-    from scratch. Never discards finished epochs under --resume without --restart."""
-    side = checkpoint.sidecar_path(paths.state)
-    if not (paths.state.is_file() or side.is_file()):
-        return None
-    try:
-        saved = checkpoint.read_sidecar(paths.state)
-        done = int(saved.get("epochs_done", 0))
-    except checkpoint.CheckpointError as err:
-        saved, done = None, None
-        problem = str(err)
-    if not resume:
-        if done:
-            print(f"starting {experiment.name} from scratch: discarding the {done} finished epoch(s) in {paths.state} "
-                  f"(train --resume continues them)", flush=True)
-        return None
-    if saved is not None:
-        diffs, notes = resume_notes(saved, traj, legacy_fingerprint(settings, experiment, traj["data.archive_md5"]),
-                                    settings, exec_now, paths.state)
-        if diffs:
-            what = "; ".join(diffs)
-            if not restart:
-                raise SettingsChanged(f"{experiment.name}: the saved state ({done} finished epoch(s), {paths.state}) was "
-                                      f"trained with settings that change the training: {what}; restore them to "
-                                      f"continue, or rerun with --resume --restart to discard those epochs and start again")
-            print(f"--restart: {experiment.name}: settings differ from the saved state's ({what}): discarding its {done} "
-                  f"finished epoch(s) and starting again", flush=True)
-            return None
-        try:
-            record = load_state(paths, model, optimizer, relax, device)
-        except (checkpoint.CheckpointError, ResumeError) as err:
-            problem = str(err).split("; rerun with")[0]
-        else:
-            for note in notes:
-                print(f"note: {note}", flush=True)
-            print(f"resuming {experiment.name} after epoch {record['epochs_done']}", flush=True)
-            return record
-    if not restart:
-        raise ResumeError(f"cannot resume {experiment.name}: {problem}; rerun with --resume --restart to discard the "
-                          f"saved state and start again")
-    print(f"--restart: the saved state of {experiment.name} cannot be read ({problem}): starting again", flush=True)
-    return None
 
 
 def run_epochs(settings: Settings, experiment: Experiment, paths: RunPaths, live_dir: Path, record: dict[str, Any],

@@ -31,13 +31,13 @@ from .config import Experiment, Settings
 from .loader import DeviceLoader, pick_device
 from .losses import Objective, objective_for
 from .models.enresnet import derive_seed
-from .run_state import ResumeError, TrainingDiverged, execution, last_good
+from .run_state import ResumeError, TrainingDiverged, execution, last_good, open_record
 from .runtime import EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, channels_last_for, positive_seconds, use_amp
 from .stacked import StackedEnResNet, stack_models, stack_state_dicts, unstack_state_dict
 from .stacked_step import StackedRelax, check_objectives, stacked_train_step
 from .stacking import check_stackable
 from .train import (CHECK_FINITE_EVERY, BudgetReached, close_epoch, finish_run, lr_at, make_model, make_optimizer,
-                    make_relax, open_live, open_record, run_sidecar, training_data, warn_no_phase2)
+                    make_relax, open_live, run_sidecar, training_data, warn_no_phase2)
 
 
 # --------------------------------------------------------------------------- weights and momentum, both ways
