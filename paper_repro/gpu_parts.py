@@ -250,7 +250,7 @@ def part_train(part: Part) -> None:
                                                   "part's time would be exceeded (train --time-budget)")
     runs: dict[str, Any] = {}
     for i, name in enumerate(names):
-        share = max(part.remaining() - 10, 1) / (len(names) - i)
+        share = max(part.remaining() - 10, 1) / (len(names) - i + len(TRAIN_AGAIN))  # leave shares for those
         epoch_s = max((r["epoch_wall_s"] or 0 for r in runs.values()), default=0)
         if epoch_s and share < epoch_s:  # a run's first epoch always runs: it would overrun the part's timeout
             runs[name] = {"model": settings.experiment(name).model, "skipped": f"its {share:.0f} s share is below "
@@ -272,6 +272,43 @@ def part_train(part: Part) -> None:
         part.save(experiments=runs)
     if names and runs.get(names[0], {}).get("epoch_wall_s"):
         part.save(compiled=train_compiled(part, settings, names[0], runs[names[0]]))
+    trained = [settings.experiment(n) for n in names if runs.get(n, {}).get("epoch_wall_s")]
+    if len(trained) >= 2:
+        part.save(stacked=train_together(part, settings, trained, runs))
+
+
+#: The runs the train part trains again after the gpu profile's first ones: compiled, and stacked.
+TRAIN_AGAIN = ("compiled", "stacked")
+
+
+def train_together(part: Part, settings: config.Settings, trained: list[config.Experiment],
+                   runs: dict[str, Any]) -> dict[str, Any]:
+    """The trained runs that stack, again as one stacked network (train-stacked), the same epochs: the stacked
+    epoch's wall time against the sum of theirs (each with its own validation in both)."""
+    import torch
+    from . import stacking, train as train_mod
+    from .train_stacked import train_stacked
+    group = max(stacking.stacks(settings, trained, len(trained)), key=len)
+    names = [e.name for e in group]
+    sequential = sum(runs[n]["epoch_wall_s"] for n in names)
+    share = part.remaining() - 10
+    if len(group) < 2 or share < sequential:
+        why = "no two of them stack" if len(group) < 2 else f"{share:.0f} s left, under {sequential:.0f} s"
+        return {"experiments": names, "skipped": why}
+    dirs = [part.out / "train" / f"{n}-stacked" for n in names]
+    stopped = None
+    try:
+        train_stacked(settings, group, dirs, quiet=True, live_dirs=[part.out / "train" / "live" / d.name for d in dirs],
+                      time_budget=share)
+    except train_mod.BudgetReached as e:
+        stopped = str(e)
+    cuda = torch.cuda.is_available() and settings.train.device != "cpu"
+    figures = {n: run_figures(d, cuda) for n, d in zip(names, dirs)}
+    epoch_s = figures[names[0]]["epoch_wall_s"]
+    return {"experiments": names, "epochs_done": figures[names[0]]["epochs_done"], "epoch_wall_s": epoch_s,
+            "sequential_epoch_wall_s": round(sequential, 2), "stopped_by_budget": stopped,
+            "speedup": round(sequential / epoch_s, 2) if epoch_s else None,
+            "accuracy": {n: {k: f[k] for k in ("val_natural_acc", "val_pgd_acc")} for n, f in figures.items()}}
 
 
 def train_compiled(part: Part, settings: config.Settings, name: str, eager: dict[str, Any]) -> dict[str, Any]:

@@ -187,7 +187,21 @@ def _train(part: dict[str, Any] | None) -> list[str]:
             if not f.get("skipped")]
     return [f"## Short training ({r.get('train_images', '?')} training images, up to {r.get('epochs')} epochs)", ""] + \
         _table(["experiment", "epochs", "val natural %", "val PGD %", "train img/s", "epoch s (with val)",
-                "peak memory", "ended by"], rows) + (skipped + [""] if skipped else []) + _compiled(r)
+                "peak memory", "ended by"], rows) + (skipped + [""] if skipped else []) + _compiled(r) + _stacked(r)
+
+
+def _stacked(r: dict[str, Any]) -> list[str]:
+    """The trained runs again as one stacked network: its epoch against theirs one after another."""
+    c = r.get("stacked")
+    if not c:
+        return []
+    head = f"Trained together by `train-stacked` ({' + '.join(c['experiments'])}):"
+    if c.get("skipped"):
+        return [f"{head} skipped, {c['skipped']}.", ""]
+    accuracy = "; ".join(f"{n} val natural {_fmt(a['val_natural_acc'])}%, PGD {_fmt(a['val_pgd_acc'])}%"
+                         for n, a in c["accuracy"].items())
+    return [f"{head} {_fmt(c.get('epoch_wall_s'), 2)} s per epoch against {_fmt(c.get('sequential_epoch_wall_s'), 2)} s "
+            f"one after another (x{_fmt(c.get('speedup'), 2)}), {c.get('epochs_done')} epoch(s); {accuracy}.", ""]
 
 
 def _compiled(r: dict[str, Any]) -> list[str]:

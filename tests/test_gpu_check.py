@@ -53,6 +53,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     compiled = r["train"]["compiled"]  # the first run again under train.compile (default on the CPU)
     assert compiled["experiment"] == "resnet20-fp-pgd_at" and compiled["mode"] == "default"
     assert compiled["epochs_done"] == 1 and compiled["speedup_last_epoch"] > 0
+    stacked = r["train"]["stacked"]  # both runs again as one stacked network (they share depth and loss)
+    assert stacked["experiments"] == list(runs) and stacked["epochs_done"] == 1 and stacked["speedup"] > 0
     columns = r["columns"]["columns"]
     assert [c["column"] for c in columns.values()] == ["A1", "A2", "A3", "A4"]
     assert r["columns"]["amp"] == "fp32" and r["columns"]["images"] == 20 and "trained" in r["columns"]["model"]
@@ -62,6 +64,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
                     "## Paper columns A1-A4", "## Paper-grid estimate"):
         assert heading in md
     assert "Under `train.compile: default` (resnet20-fp-pgd_at): last epoch" in md
+    assert "Trained together by `train-stacked` (resnet20-fp-pgd_at + en1resnet20-fp-pgd_at):" in md
 
 
 def test_a_failing_part_is_reported_and_its_dependents_skipped(tmp_path):
