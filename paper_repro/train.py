@@ -28,6 +28,7 @@ import math
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -423,9 +424,16 @@ def main(args: argparse.Namespace) -> int:
     settings = config.load(args.params, args.overrides)
     experiment = settings.experiment(args.experiment)
     run_dir = args.run_dir or Path("runs") / experiment.name
+    return run_and_report(lambda: [train(settings, experiment, run_dir, resume=args.resume, restart=args.restart,
+                                         quiet=args.quiet, live_dir=args.live_dir, time_budget=args.time_budget)],
+                          [run_dir], f"the last finished epoch is saved in {RunPaths(run_dir).state}")
+
+
+def run_and_report(call: Callable[[], list[dict[str, Any]]], run_dirs: list[Path], saved: str) -> int:
+    """A training command's exit code (EXIT_BUDGET_REACHED, 3 diverged, 130 interrupted, 0) and its lines: one per
+    finished run, or what stopped it (``saved`` says where the last finished epoch is)."""
     try:
-        summary = train(settings, experiment, run_dir, resume=args.resume, restart=args.restart, quiet=args.quiet,
-                        live_dir=args.live_dir, time_budget=args.time_budget)
+        summaries = call()
     except BudgetReached as e:
         print(e, flush=True)
         return EXIT_BUDGET_REACHED
@@ -433,10 +441,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", flush=True)
         return 3
     except KeyboardInterrupt:
-        print(f"interrupted: the last finished epoch is saved in {RunPaths(run_dir).state}; "
-              f"continue with --resume", flush=True)
+        print(f"interrupted: {saved}; continue with --resume", flush=True)
         return 130
-    best = summary["selected"]
-    print(f"{experiment.name}: selected epoch {best['epoch']} (val PGD {best['val_pgd_acc']:.2f}%, "
-          f"natural {best['val_natural_acc']:.2f}%) -> {RunPaths(run_dir).deployed}")
+    for run_dir, summary in zip(run_dirs, summaries):
+        best = summary["selected"]
+        print(f"{summary['run']}: selected epoch {best['epoch']} (val PGD {best['val_pgd_acc']:.2f}%, "
+              f"natural {best['val_natural_acc']:.2f}%) -> {RunPaths(run_dir).deployed}")
     return 0

@@ -37,7 +37,7 @@ from .stacked import StackedEnResNet, stack_models, stack_state_dicts, unstack_s
 from .stacked_step import StackedRelax, check_objectives, stacked_train_step
 from .stacking import check_stackable
 from .train import (CHECK_FINITE_EVERY, BudgetReached, close_epoch, finish_run, lr_at, make_model, make_optimizer,
-                    make_relax, open_live, run_sidecar, training_data, warn_no_phase2)
+                    make_relax, open_live, run_and_report, run_sidecar, training_data, warn_no_phase2)
 
 
 # --------------------------------------------------------------------------- weights and momentum, both ways
@@ -199,20 +199,6 @@ def main(args: argparse.Namespace) -> int:
     settings = config.load(args.params, args.overrides)
     experiments = [settings.experiment(name) for name in args.experiment]
     run_dirs = [Path("runs") / e.name for e in experiments]
-    try:
-        summaries = train_stacked(settings, experiments, run_dirs, resume=args.resume, restart=args.restart,
-                                  quiet=args.quiet, time_budget=args.time_budget)
-    except BudgetReached as e:
-        print(e, flush=True)
-        return EXIT_BUDGET_REACHED
-    except TrainingDiverged as e:
-        print(f"error: {e}", flush=True)
-        return 3
-    except KeyboardInterrupt:
-        print("interrupted: the last finished epoch of every run is saved; continue with --resume", flush=True)
-        return 130
-    for e, summary in zip(experiments, summaries):
-        best = summary["selected"]
-        print(f"{e.name}: selected epoch {best['epoch']} (val PGD {best['val_pgd_acc']:.2f}%, natural "
-              f"{best['val_natural_acc']:.2f}%) -> {RunPaths(Path('runs') / e.name).deployed}")
-    return 0
+    return run_and_report(lambda: train_stacked(settings, experiments, run_dirs, resume=args.resume,
+                                                restart=args.restart, quiet=args.quiet, time_budget=args.time_budget),
+                          run_dirs, "the last finished epoch of every run is saved")
