@@ -111,8 +111,10 @@ def our_steps(model, optimizer, images, labels, batch, kind, attack, device, set
         epoch += 1
 
 
-def stacked_steps(name, k, images, labels, batch, attack, device, settings, stacked: bool) -> Iterator[int]:
-    """K models on one shared batch per step: one stacked network, or K of our steps one after another."""
+def stacked_steps(name, k, images, labels, batch, attack, device, settings, stacked: bool,
+                  compile_mode: str | None = None) -> Iterator[int]:
+    """K models on one shared batch per step: one stacked network (under torch.compile with ``compile_mode``), or
+    K of our steps one after another."""
     channels_last = channels_last_for(device, settings)
     loader = DeviceLoader(images, labels, batch, device, augment=True, shuffle=True, drop_last=True,
                           channels_last=channels_last)
@@ -124,6 +126,8 @@ def stacked_steps(name, k, images, labels, batch, attack, device, settings, stac
         net = build_stacked([name] * k, list(range(k))).to(device, memory_format=fmt)
         relax = StackedRelax(net, [BinaryRelax(build(name, seed=i), None) for i in range(k)])
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        if compile_mode:
+            net.forward = torch.compile(net.forward, mode=None if compile_mode == "default" else compile_mode)
     else:
         nets = [build(name, seed=i).to(device, memory_format=fmt) for i in range(k)]
         relaxes = [BinaryRelax(m, None) for m in nets]
@@ -216,11 +220,18 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
                                                               "compile_mode": compile_mode}
                 log(_line(f"{kind} {name}", extra, "baseline", "compiled") + f" (torch.compile {compile_mode})")
     for k in stacked:
+        names = ("sequential", "stacked", "stacked_compiled") if compile_mode else ("sequential", "stacked")
         loops = {loop: stacked_steps(stacked_model, k, images, labels, batch, attack, device, settings,
-                                     loop == "stacked") for loop in ("sequential", "stacked")}
-        row = results[f"stacked{k}_pgd_at_{stacked_model}"] = compare(measure(loops, warmup, timed, repeats, device),
-                                                                      "sequential", "stacked")
+                                     loop != "sequential", compile_mode if loop == "stacked_compiled" else None)
+                 for loop in names}
+        runs = measure(loops, warmup, timed, repeats, device)
+        row = results[f"stacked{k}_pgd_at_{stacked_model}"] = compare(runs, "sequential", "stacked")
         log(_line(f"{k}x {stacked_model} pgd_at", row, "sequential", "stacked"))
+        if compile_mode:
+            extra = results[f"stacked{k}_pgd_at_{stacked_model}_compiled"] = {
+                **compare(runs, "sequential", "stacked_compiled"), "compile_mode": compile_mode}
+            log(_line(f"{k}x {stacked_model} pgd_at", extra, "sequential", "stacked_compiled")
+                + f" (torch.compile {compile_mode})")
     return results
 
 
@@ -242,7 +253,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stacked-model", default="resnet20", help="architecture of the stacked comparison")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", dest="compile_mode", choices=("default", "reduce-overhead", "max-autotune"),
-                   help="also time our loop with the network under torch.compile in this mode (warm-up compiles)")
+                   help="also time our loop (and, with --stacked, the stacked network) under torch.compile in this mode "
+                        "(warm-up compiles)")
     p.add_argument("--json", type=Path, help="also write the results here (e.g. reports/bench.json)")
 
 

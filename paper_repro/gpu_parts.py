@@ -160,7 +160,8 @@ def junit_counts(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- bench
 def part_bench(part: Part) -> None:
     """Ours versus the plain baseline, repeated and interleaved (bench.py), ours under torch.compile with CUDA
-    graphs ("reduce-overhead") as a third loop of the first row, then K stacked versus sequential."""
+    graphs ("reduce-overhead") as a third loop of the first row, then K stacked versus sequential (K = 8 also
+    stacked and compiled)."""
     from . import bench
     from .loader import pick_device
     settings = part.settings("train.pgd.steps=2") if part.dry else part.settings()
@@ -168,11 +169,11 @@ def part_bench(part: Part) -> None:
     if part.dry:
         plan = [("resnet8", "pgd_at", None)]  # compiling on a 2-core CPU would take most of CI's minute
         size = dict(batch=16, warmup=1, timed=1, repeats=2)
-        stacked, stacked_model = (2,), "resnet8"
+        stacked, stacked_model = ((2, None),), "resnet8"
     else:
         plan = [("resnet20", "pgd_at", "reduce-overhead"), ("resnet20", "clean", None), ("en5resnet20", "pgd_at", None)]
         size = dict(batch=128, warmup=5, timed=10, repeats=5)  # 5 warm-up steps cover compiling and graph capture
-        stacked, stacked_model = (2, 4, 8), "resnet20"
+        stacked, stacked_model = ((2, None), (4, None), (8, "reduce-overhead")), "resnet20"  # K=8 also compiled
     n_images = size["batch"] * (size["warmup"] + size["timed"] * size["repeats"] + 1)
     part.save(environment=bench.environment(device), setup={**size, "pgd_steps": settings.train.pgd.steps},
               results={})
@@ -181,9 +182,10 @@ def part_bench(part: Part) -> None:
         results.update(bench.run(settings, (name,), (kind,), size["batch"], size["warmup"], size["timed"],
                                  n_images, device, repeats=size["repeats"], compile_mode=compile_mode))
         part.save(results=results)
-    for k in stacked:
+    for k, compile_mode in stacked:
         results.update(bench.run(settings, (), (), size["batch"], size["warmup"], size["timed"], n_images, device,
-                                 repeats=size["repeats"], stacked=(k,), stacked_model=stacked_model))
+                                 repeats=size["repeats"], stacked=(k,), stacked_model=stacked_model,
+                                 compile_mode=compile_mode))
         part.save(results=results)
 
 

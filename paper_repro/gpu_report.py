@@ -106,7 +106,8 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
 def best_stacked(bench: dict[str, Any]) -> tuple[int, float] | None:
     """(K, speedup) of the largest K the bench part measured stacked against sequential, if any."""
     rows = [(int(key.split("_")[0].removeprefix("stacked")), row["speedup"])
-            for key, row in (bench.get("results") or {}).items() if key.startswith("stacked")]
+            for key, row in (bench.get("results") or {}).items()
+            if key.startswith("stacked") and not row.get("compile_mode")]  # eager stacking: what train-stacked does
     return max(rows) if rows else None
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paper_repro import gpu_check
+from paper_repro import gpu_check, gpu_report
 from paper_repro.gpu_parts import PARTS, cuda_test_files, junit_counts
 from paper_repro.gpu_report import grid_estimate, markdown
 
@@ -178,9 +178,11 @@ def test_the_recorded_command_carries_no_machine_paths(tmp_path):
 
 @pytest.mark.slow
 def test_bench_times_our_loop_under_torch_compile(tmp_path):
-    """`bench --compile` adds a third loop (ours through torch.compile) measured with the others."""
+    """`bench --compile` adds a third loop (ours through torch.compile) measured with the others, and with
+    --stacked a third stacked loop (the stacked network compiled), left out of the grid estimate."""
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "paper_repro", "bench", "--models", "resnet8", "--kinds", "pgd_at",
+                           "--stacked", "2", "--stacked-model", "resnet8",
                            "--compile", "default", "--batch-size", "8", "--warmup", "2", "--steps", "1",
                            "--repeats", "1", "--device", "cpu", "--json", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -188,6 +190,9 @@ def test_bench_times_our_loop_under_torch_compile(tmp_path):
     doc = json.loads(out.read_text())
     row = doc["results"]["pgd_at_resnet8_compiled"]
     assert doc["setup"]["compile"] == "default" and row["compile_mode"] == "default"
+    stacked = doc["results"]["stacked2_pgd_at_resnet8_compiled"]
+    assert stacked["compile_mode"] == "default" and stacked["speedup"] > 0 and "stacked_compiled" in stacked["stats"]
+    assert gpu_report.best_stacked(doc) == (2, doc["results"]["stacked2_pgd_at_resnet8"]["speedup"])
     assert row["compiled"] > 0 and set(row["stats"]) == {"baseline", "ours", "compiled"}
     assert "speedup_pgd_at_resnet8_compiled=" in proc.stdout
 
