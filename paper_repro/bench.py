@@ -34,7 +34,7 @@ from .loader import DeviceLoader, pick_device
 from .losses import objective_for
 from .models import build
 from .quant import BinaryRelax
-from .runtime import channels_last_for, use_amp
+from .runtime import channels_last_for, compile_forward, use_amp
 from .stacked import build_stacked
 from .stacked_step import StackedRelax, stacked_train_step
 from .train import train_step
@@ -127,7 +127,7 @@ def stacked_steps(name, k, images, labels, batch, attack, device, settings, stac
         relax = StackedRelax(net, [BinaryRelax(build(name, seed=i), None) for i in range(k)])
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         if compile_mode:
-            net.forward = torch.compile(net.forward, mode=None if compile_mode == "default" else compile_mode)
+            compile_forward(net, compile_mode)
     else:
         nets = [build(name, seed=i).to(device, memory_format=fmt) for i in range(k)]
         relaxes = [BinaryRelax(m, None) for m in nets]

@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ET
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -263,12 +264,8 @@ def part_train(part: Part) -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         run_dir = part.out / "train" / name
-        stopped = None
-        try:
-            train_mod.train(settings, settings.experiment(name), run_dir, quiet=True,
-                            live_dir=part.out / "train" / "live" / name, time_budget=share)
-        except train_mod.BudgetReached as e:
-            stopped = str(e)
+        stopped = until_budget(lambda: train_mod.train(settings, settings.experiment(name), run_dir, quiet=True,
+                                                       live_dir=part.out / "train" / "live" / name, time_budget=share))
         runs[name] = {"model": settings.experiment(name).model, **run_figures(run_dir, cuda),
                       "stopped_by_budget": stopped, "budget_s": round(share, 1)}
         part.save(experiments=runs)
@@ -288,7 +285,7 @@ def train_together(part: Part, settings: config.Settings, trained: list[config.E
     """The trained runs that stack, again as one stacked network (train-stacked), the same epochs: the stacked
     epoch's wall time against the sum of theirs (each with its own validation in both)."""
     import torch
-    from . import stacking, train as train_mod
+    from . import stacking
     from .train_stacked import train_stacked
     group = max(stacking.stacks(settings, trained, len(trained)), key=len)
     names = [e.name for e in group]
@@ -298,12 +295,8 @@ def train_together(part: Part, settings: config.Settings, trained: list[config.E
         why = "no two of them stack" if len(group) < 2 else f"{share:.0f} s left, under {sequential:.0f} s"
         return {"experiments": names, "skipped": why}
     dirs = [part.out / "train" / f"{n}-stacked" for n in names]
-    stopped = None
-    try:
-        train_stacked(settings, group, dirs, quiet=True, live_dirs=[part.out / "train" / "live" / d.name for d in dirs],
-                      time_budget=share)
-    except train_mod.BudgetReached as e:
-        stopped = str(e)
+    stopped = until_budget(lambda: train_stacked(settings, group, dirs, quiet=True, time_budget=share,
+                                                 live_dirs=[part.out / "train" / "live" / d.name for d in dirs]))
     cuda = torch.cuda.is_available() and settings.train.device != "cpu"
     figures = {n: run_figures(d, cuda) for n, d in zip(names, dirs)}
     epoch_s = figures[names[0]]["epoch_wall_s"]
@@ -325,17 +318,24 @@ def train_compiled(part: Part, settings: config.Settings, name: str, eager: dict
         return {"experiment": name, "mode": mode, "skipped": f"{share:.0f} s left, under two eager epochs"}
     compiled = dataclasses.replace(settings, train=dataclasses.replace(settings.train, compile=mode))
     run_dir = part.out / "train" / f"{name}-compiled"
-    stopped = None
-    try:
-        train_mod.train(compiled, compiled.experiment(name), run_dir, quiet=True,
-                        live_dir=part.out / "train" / "live" / f"{name}-compiled", time_budget=share)
-    except train_mod.BudgetReached as e:
-        stopped = str(e)
+    stopped = until_budget(lambda: train_mod.train(compiled, compiled.experiment(name), run_dir, quiet=True,
+                                                   live_dir=part.out / "train" / "live" / f"{name}-compiled",
+                                                   time_budget=share))
     figures = run_figures(run_dir, cuda)
     ratio = (figures["last_epoch_images_per_s"] / eager["last_epoch_images_per_s"]
              if figures.get("last_epoch_images_per_s") and eager.get("last_epoch_images_per_s") else None)
     return {"experiment": name, "mode": mode, **figures, "stopped_by_budget": stopped,
             "speedup_last_epoch": round(ratio, 2) if ratio else None}
+
+
+def until_budget(train_call: Callable[[], Any]) -> str | None:
+    """Run a training with a --time-budget: None when it finished, else the message of where it stopped."""
+    from .train import BudgetReached
+    try:
+        train_call()
+    except BudgetReached as e:
+        return str(e)
+    return None
 
 
 def run_figures(run_dir: Path, cuda: bool) -> dict[str, Any]:

@@ -40,7 +40,8 @@ from . import atomic, checkpoint, config
 from .config import Experiment, Settings
 from .data import load_prepared, provenance, validation_split
 from .loader import DeviceLoader, pick_device
-from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, autocast, channels_last_for, device_name,
+from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, autocast, channels_last_for, compile_forward,
+                      device_name,
                       fault, positive_seconds, use_amp)
 from .losses import Objective, objective_for
 from .models import build
@@ -246,7 +247,7 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
     objective = objective_for(experiment, t.pgd)
     amp = use_amp(settings, device)
     if t.compile != "none":  # the module keeps its state-dict keys; attack, training and validation run compiled
-        model.forward = torch.compile(model.forward, mode=None if t.compile == "default" else t.compile)
+        compile_forward(model, t.compile)
     no_phase2 = warn_no_phase2(settings, experiment)
     if no_phase2:
         print(no_phase2, flush=True)

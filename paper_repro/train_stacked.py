@@ -32,7 +32,8 @@ from .loader import DeviceLoader, pick_device
 from .losses import Objective, objective_for
 from .models.enresnet import derive_seed
 from .run_state import ResumeError, TrainingDiverged, execution, last_good, open_record
-from .runtime import EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, channels_last_for, positive_seconds, use_amp
+from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, channels_last_for, compile_forward,
+                      positive_seconds, use_amp)
 from .stacked import StackedEnResNet, stack_models, stack_state_dicts, unstack_state_dict
 from .stacked_step import StackedRelax, check_objectives, stacked_train_step
 from .stacking import check_stackable
@@ -127,8 +128,8 @@ def train_stacked(settings: Settings, experiments: Sequence[Experiment], run_dir
     check_objectives(objectives)
     amp = use_amp(settings, device)
     for e in experiments:
-        if warn_no_phase2(settings, e):
-            print(warn_no_phase2(settings, e), flush=True)
+        if warning := warn_no_phase2(settings, e):
+            print(warning, flush=True)
     paths = [RunPaths(Path(d)) for d in run_dirs]
     lives = [Path(d) for d in live_dirs] if live_dirs is not None else [Path("dvclive") / e.name for e in experiments]
     md5, exec_now = data.meta.get("archive_md5"), execution(settings, device)
@@ -149,7 +150,7 @@ def train_stacked(settings: Settings, experiments: Sequence[Experiment], run_dir
         optimizer = make_optimizer(net.parameters(), settings)
         stack_into(net, optimizer, models, optimizers)
         if t.compile != "none":
-            net.forward = torch.compile(net.forward, mode=None if t.compile == "default" else t.compile)
+            compile_forward(net, t.compile)
         sidecars = [run_sidecar(settings, e, m, r, data.meta, device, data.split)
                     for e, m, r in zip(experiments, models, relaxes)]
         names = [e.name for e in experiments]
