@@ -109,9 +109,9 @@ def _yaml() -> YAML:
 
 def check(path: Path) -> list[str]:
     """The settings ``path`` leaves to a code default (empty: the file is complete)."""
+    full = resolved(config.load(path))  # first: a missing or invalid file is a one-line ConfigError
     written = config.experiments_as_list(config.parse_yaml(path.read_text()) or {})
     written["experiments"] = {e["name"]: e for e in written.get("experiments") or []}
-    full = resolved(config.load(path))
     return missing_keys(written, full)
 
 

@@ -47,6 +47,16 @@ def test_check_names_a_removed_setting_and_write_restores_it_keeping_comments(tm
     assert params.write(target) == []                          # a complete file is left alone
 
 
+def test_a_missing_or_invalid_file_is_a_one_line_error(tmp_path, capsys):
+    from paper_repro import cli
+    assert cli.main(["params", "--check", "--params", str(tmp_path / "nope.yaml")]) == 2
+    assert "settings file not found" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("train: {epochs: 1}\ntrain: {epochs: 2}\n")
+    assert cli.main(["params", "--write", "--params", str(tmp_path / "bad.yaml")]) == 2
+    assert "duplicate key 'train'" in capsys.readouterr().err
+    assert (tmp_path / "bad.yaml").read_text() == "train: {epochs: 1}\ntrain: {epochs: 2}\n"  # left as it was
+
+
 def test_a_new_code_setting_fails_the_check(monkeypatch):
     """Drift: a setting added in code (here, a new train field with a default) is missing from every profile."""
     @dataclasses.dataclass(frozen=True)
