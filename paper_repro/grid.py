@@ -177,9 +177,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="run every selected job, up to date or not")
     p.add_argument("--no-commit", action="store_true", help="do not `dvc commit` the finished stages")
     p.add_argument("--stack", type=int, default=1, metavar="K",
-                   help="local: train up to K runs that share a data pass (dataset, ResNet depth, loss kind) as one "
-                        "stacked network per job (train-stacked; each run's folder as `train` writes it). Pays on a "
-                        "GPU: 8 stacked ResNet20s ran 4.15x the images/s of 8 one after another on an H200")
+                   help="train up to K runs that share a data pass (dataset, ResNet depth, loss kind) as one "
+                        "stacked network per job (train-stacked; each run's folder as `train` writes it; on Slurm one "
+                        "array job per stack). Pays on a GPU: 8 stacked ResNet20s ran 4.15x the images/s of 8 one "
+                        "after another on an H200")
     slurm_arguments(p)
 
 
@@ -198,8 +199,6 @@ def check_executor_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"grid -j must be >= 1, got {args.jobs}")
     if args.stack < 1:
         raise ConfigError(f"grid --stack must be >= 1, got {args.stack}")
-    if args.stack > 1 and args.executor == "slurm":
-        raise ConfigError("grid --stack runs with --executor local only (the Slurm arrays run one stage per job)")
     if args.executor == "slurm":
         if args.jobs is not None:
             raise ConfigError("grid -j is for --executor local; with slurm use --array-parallelism N")
@@ -282,7 +281,8 @@ def main_slurm(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def finish_slurm(args: argparse.Namespace, manifest: dict | None) -> int:
-    """Follow a submission to its end, then `dvc commit` the stages whose jobs succeeded."""
+    """Follow a submission to its end, then `dvc commit` the stages whose jobs succeeded (every train stage of a
+    stacked training that succeeded; none of one that failed), as the local executor does."""
     from . import slurm
     slurm.require_slurm()
     workdir = Path.cwd().resolve()
@@ -297,13 +297,13 @@ def finish_slurm(args: argparse.Namespace, manifest: dict | None) -> int:
               file=sys.stderr)
         return 130
     ok = [stage for stage, succeeded in outcome.items() if succeeded]
-    failed = [stage for stage, succeeded in outcome.items() if not succeeded]
+    entries = slurm.entries_of(manifest)
+    failed = [e for e in entries if not all(outcome[stage] for stage in e.dvc_stages)]
     record = ok and manifest["commit"] and not args.no_commit
     if record:
         commit(ok)
-    print(f"grid: the jobs ended after {time.perf_counter() - started:.0f} s of waiting; {len(ok)} done, "
-          f"{len(failed)} failed{'; dvc.lock records the done stages' if record else ''}", flush=True)
-    for entry in slurm.entries_of(manifest):
-        if entry.dvc_stage in failed:
-            print(f"grid: {entry.dvc_stage} failed: see {entry.log} and {entry.slurm_log}", file=sys.stderr)
+    print(f"grid: the jobs ended after {time.perf_counter() - started:.0f} s of waiting; {len(entries) - len(failed)} "
+          f"done, {len(failed)} failed{'; dvc.lock records the done stages' if record else ''}", flush=True)
+    for entry in failed:
+        print(f"grid: {entry.dvc_stage} failed: see {entry.log} and {entry.slurm_log}", file=sys.stderr)
     return 1 if failed else 0

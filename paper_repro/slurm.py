@@ -11,8 +11,11 @@ Why this shape:
   training keeps its last finished epoch) and requeues it with ``--resume``.
 - The submission is written to ``logs/grid/slurm/submitted.json`` so that ``grid --attach`` can
   follow it (and ``dvc commit`` the results) from another login session.
+- A stacked training (``grid --stack K``: ``train-stacked``) is one job of the train array for up to K
+  experiments, as with the local executor: its entry in the manifest names them all, and their train
+  stages succeed (are committed) or fail together.
 
-Kept whole (~450 lines): its settings, the requeueing job and submit/follow share SlurmSettings and the
+Kept whole (~470 lines): its settings, the requeueing job and submit/follow share SlurmSettings and the
 manifest, and grid is its only user (this is the one module that imports submitit).
 """
 from __future__ import annotations
@@ -216,16 +219,19 @@ def slurm_job_id() -> str:
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "?")
 
 
+TRAINING = {"train", "train-stacked"}  # the stage commands that --resume continues
+
+
 def with_resume(argv: Sequence[str]) -> list[str]:
-    """The command to run again after a requeue: training continues from its last finished epoch."""
+    """The command to run again after a requeue: training (stacked or not) continues from its last finished epoch."""
     argv = list(argv)
-    if "train" in argv and "--resume" not in argv:
+    if TRAINING & set(argv) and "--resume" not in argv:
         argv.append("--resume")
     return argv
 
 
 class StageJob(Checkpointable):
-    """One stage command (``python -m paper_repro train|evaluate ...``) as a Slurm job.
+    """One stage command (``python -m paper_repro train|train-stacked|evaluate ...``) as a Slurm job.
 
     Its output goes to ``log`` (the local executor's log file); a requeued attempt appends to it.
     ``grace_s``: how long the interrupted command may take to exit before it is killed (it must fit
@@ -294,16 +300,28 @@ class StageJob(Checkpointable):
 # --------------------------------------------------------------------------- submit and follow
 @dataclass
 class Entry:
-    """One submitted stage: what runs, its Slurm job id and its logs."""
+    """One submitted job: what runs (a stacked training covers several experiments), its Slurm job id and its
+    logs. ``stacked_with`` defaults to none, so manifests written before ``--stack`` ran on Slurm still load."""
     stage: str
     experiment: str
     job_id: str
     log: str
     slurm_log: str
+    stacked_with: list[str] = field(default_factory=list)
+
+    @property
+    def experiments(self) -> tuple[str, ...]:
+        return (self.experiment, *self.stacked_with)
+
+    @property
+    def dvc_stages(self) -> list[str]:
+        """The DVC stages this job makes: each is done when the job succeeded, failed when it failed."""
+        return [f"{self.stage}@{e}" for e in self.experiments]
 
     @property
     def dvc_stage(self) -> str:
-        return f"{self.stage}@{self.experiment}"
+        """The job's name in progress lines (``train@a + train@b`` for a stacked training)."""
+        return " + ".join(self.dvc_stages)
 
 
 def require_slurm() -> None:
@@ -328,8 +346,8 @@ def submit_array(settings: SlurmSettings, folder: Path, name: str, jobs: Sequenc
     stage_jobs = [StageJob(argv(job), workdir, workdir / job.log, grace_s) for job in jobs]
     with executor.batch():
         submitted = [executor.submit(sj) for sj in stage_jobs]
-    return [Entry(job.stage, job.experiment, s.job_id, str(workdir / job.log), str(s.paths.stdout))
-            for job, s in zip(jobs, submitted)]
+    return [Entry(job.stage, job.experiment, s.job_id, str(workdir / job.log), str(s.paths.stdout),
+                  list(job.stacked_with)) for job, s in zip(jobs, submitted)]
 
 
 def array_id(entries: Sequence[Entry]) -> str:
@@ -367,15 +385,15 @@ def entries_of(manifest: dict[str, Any]) -> list[Entry]:
 
 
 def slurm_jobs(manifest: dict[str, Any]) -> dict[str, submitit.SlurmJob]:
-    """submitit handles on the submitted jobs (they share one sacct watcher)."""
+    """submitit handles on the submitted jobs by Entry.dvc_stage (they share one sacct watcher)."""
     return {e.dvc_stage: submitit.SlurmJob(folder=manifest["folder"], job_id=e.job_id) for e in entries_of(manifest)}
 
 
 def poll_states(jobs: dict[str, submitit.SlurmJob]) -> dict[str, str]:
-    """One sacct call for all jobs; their states by DVC stage name ("CANCELLED by 0" -> "CANCELLED")."""
+    """One sacct call for all jobs; their states by the keys of ``jobs`` ("CANCELLED by 0" -> "CANCELLED")."""
     submitit.SlurmJob.watcher.update()
-    return {stage: (job.watcher.get_state(job.job_id, mode="cache").split() or ["UNKNOWN"])[0]
-            for stage, job in jobs.items()}
+    return {name: (job.watcher.get_state(job.job_id, mode="cache").split() or ["UNKNOWN"])[0]
+            for name, job in jobs.items()}
 
 
 def category(state: str) -> str:
@@ -404,7 +422,7 @@ def poll_interval(elapsed: float) -> float:
 
 def follow(manifest: dict[str, Any], out=sys.stdout) -> dict[str, bool]:
     """Wait for the submitted jobs, printing counts when they change, each finished or failed job (with
-    its logs) and each requeue; returns {dvc stage: succeeded}."""
+    its logs) and each requeue; returns {dvc stage: succeeded}, every stage of a job getting its outcome."""
     entries = {e.dvc_stage: e for e in entries_of(manifest)}
     jobs = slurm_jobs(manifest)
     seen: dict[str, str] = {}
@@ -412,18 +430,19 @@ def follow(manifest: dict[str, Any], out=sys.stdout) -> dict[str, bool]:
     started = time.monotonic()
     while True:
         states = poll_states(jobs)
-        for stage, state in states.items():
-            before, now = category(seen.get(stage, "UNKNOWN")), category(state)
-            if now != before or (state != seen.get(stage) and now == "failed"):
-                report_change(entries[stage], jobs[stage].job_id, seen.get(stage), state, out)
-            seen[stage] = state
+        for name, state in states.items():
+            before, now = category(seen.get(name, "UNKNOWN")), category(state)
+            if now != before or (state != seen.get(name) and now == "failed"):
+                report_change(entries[name], jobs[name].job_id, seen.get(name), state, out)
+            seen[name] = state
         counts = {c: sum(category(s) == c for s in states.values()) for c in ("pending", "running", "done", "failed")}
         if counts != counts_shown:
             print(f"grid: {len(states)} jobs: {counts['pending']} pending, {counts['running']} running, "
                   f"{counts['done']} done, {counts['failed']} failed", file=out, flush=True)
             counts_shown = counts
         if counts["pending"] == counts["running"] == 0:
-            return {stage: category(state) == "done" for stage, state in states.items()}
+            return {stage: category(state) == "done" for name, state in states.items()
+                    for stage in entries[name].dvc_stages}
         time.sleep(poll_interval(time.monotonic() - started))
 
 
@@ -450,5 +469,5 @@ def describe(manifest: dict[str, Any]) -> str:
         entries = [e for e in entries_of(manifest) if e.stage == stage]
         if entries:
             lines.append(f"grid: submitted {len(entries)} {stage} job(s) as Slurm job {array_id(entries)}: "
-                         + ", ".join(f"{e.job_id}={e.experiment}" for e in entries))
+                         + ", ".join(f"{e.job_id}={'+'.join(e.experiments)}" for e in entries))
     return "\n".join(lines)

@@ -48,14 +48,10 @@ def test_stack_groups_the_train_jobs_of_runs_that_share_a_data_pass():
     assert stacked.cost == pytest.approx(sum(grid.relative_cost(settings.experiment(e)) for e in stacked.experiments))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--stack", "0"], "grid --stack must be >= 1, got 0"),
-    (["--stack", "2", "--executor", "slurm", "--time-min", "60"], "grid --stack runs with --executor local only"),
-])
-def test_bad_stack_options_are_one_line_errors(argv, message, capsys):
+def test_a_bad_stack_option_is_a_one_line_error(capsys):
     from paper_repro import cli
-    assert cli.main(["grid", "--params", str(ROOT / "profiles" / "smoke" / "params.yaml"), *argv]) == 2
-    assert message in capsys.readouterr().err
+    assert cli.main(["grid", "--params", str(ROOT / "profiles" / "smoke" / "params.yaml"), "--stack", "0"]) == 2
+    assert "grid --stack must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -5,7 +5,9 @@ The cluster test submits two tiny experiments as Slurm job arrays, with one trai
 time limit after its first epoch (tests/slurm_hooks/sitecustomize.py, read only by this test), so that
 submitit's checkpoint requeues it and the requeued attempt resumes after epoch 1. The metrics must equal
 those of a local `grid` run of the same experiments, and `dvc status` must be clean for the train and
-evaluate stages afterwards. In CI (CI set) a cluster that cannot be started fails the test.
+evaluate stages afterwards. A second cluster test runs `grid --stack 2`: one train-stacked job for two runs,
+then their evaluations, and both runs' stages recorded. In CI (CI set) a cluster that cannot be started fails
+the test.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import yaml
 
 from test_pipeline import PROFILE, project_files, run, tiny_params
 
-from paper_repro import cli, slurm
+from paper_repro import cli, grid, slurm
 from paper_repro.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +96,7 @@ def test_a_bad_slurm_config_file_names_the_key(tmp_path):
     (["grid", "--partition", "gpu"], "grid --partition applies to --executor slurm only"),
     (["grid", "--no-wait"], "grid --no-wait applies to --executor slurm only"),
     (["grid", "--executor", "slurm", "-j", "2", "--time-min", "60"], "with slurm use --array-parallelism"),
+    (["grid", "--executor", "slurm", "--stack", "0", "--time-min", "60"], "grid --stack must be >= 1, got 0"),
 ])
 def test_options_of_the_other_executor_are_rejected(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -138,8 +141,9 @@ def start_stage_job(tmp_path, argv_tail):
     return job, thread, outcome
 
 
-def test_checkpoint_stops_the_command_and_requeues_it_with_resume(tmp_path):
-    job, thread, outcome = start_stage_job(tmp_path, ["train", "--experiment", "x"])
+@pytest.mark.parametrize("command", [["train", "--experiment", "x"], ["train-stacked", "-e", "x", "-e", "y"]])
+def test_checkpoint_stops_the_command_and_requeues_it_with_resume(tmp_path, command):
+    job, thread, outcome = start_stage_job(tmp_path, command)
     os.kill(job._proc.pid, signal.SIGUSR2)  # Slurm signals the whole step: the command must ignore it
     time.sleep(0.5)
     assert job._proc.poll() is None, "SIGUSR2 killed the stage command"
@@ -157,6 +161,45 @@ def test_evaluate_is_requeued_unchanged(tmp_path):
     delayed = job.checkpoint()
     thread.join(30)
     assert delayed.function.argv == job.argv
+
+
+# --------------------------------------------------------------------------- a stacked job in the manifest
+def manifest_of(tmp_path: Path) -> dict:
+    """A submission with one stacked training (a + b), one training written before --stack ran on Slurm (c: no
+    stacked_with key) and an evaluation per run."""
+    def entry(stage, names, job_id):
+        stacked = {"stacked_with": names[1:]} if len(names) > 1 else {}
+        return {"stage": stage, "experiment": names[0], "job_id": job_id, "log": f"{stage}-{names[0]}.log",
+                "slurm_log": f"{job_id}.out", **stacked}
+    jobs = [entry("train", ["a", "b"], "7_0"), entry("train", ["c"], "7_1"),
+            *(entry("evaluate", [n], f"8_{i}") for i, n in enumerate("abc"))]
+    return {"workdir": str(tmp_path), "folder": str(tmp_path / "slurm"), "commit": True, "jobs": jobs}
+
+
+@pytest.mark.parametrize("states, committed, failed", [
+    ({"7_0": "COMPLETED", "7_1": "FAILED"}, ["train@a", "train@b"], ["train@c", "evaluate@a"]),
+    ({"7_0": "FAILED", "7_1": "COMPLETED"}, ["train@c"], ["train@a + train@b", "evaluate@c"]),
+])
+def test_a_stacked_job_commits_or_fails_every_train_stage_it_covers(tmp_path, monkeypatch, capsys, states,
+                                                                    committed, failed):
+    """The local executor's semantics (grid.main): all of a stacked training's stages are done, or all failed."""
+    manifest = manifest_of(tmp_path)
+    assert "submitted 2 train job(s) as Slurm job 7: 7_0=a+b, 7_1=c" in slurm.describe(manifest)
+    by_id = {e.job_id: e.dvc_stage for e in slurm.entries_of(manifest)}
+    monkeypatch.setattr(slurm, "poll_states", lambda jobs: {by_id[i]: states.get(i, "CANCELLED") for i in by_id})
+    monkeypatch.setattr(slurm, "require_slurm", lambda: None)
+    follow = slurm.follow
+    monkeypatch.setattr(slurm, "follow", lambda m: follow(m, out=sys.stdout))  # its default: the stdout of import
+    recorded = []
+    monkeypatch.setattr(grid, "commit", recorded.append)
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(params=Path("params.yaml"), no_commit=False)
+    assert grid.finish_slurm(args, manifest) == 1
+    out, err = capsys.readouterr()
+    assert recorded == [committed]
+    assert f"grid: train@a + train@b (job 7_0) {'done' if 'train@a' in committed else 'FAILED (FAILED)'}" in out, out
+    assert "5 jobs: 0 pending, 0 running, 1 done, 4 failed" in out and "; 1 done, 4 failed; dvc.lock" in out, out
+    assert all(f"grid: {name} failed: see " in err for name in failed), err
 
 
 # --------------------------------------------------------------------------- a real cluster
@@ -334,3 +377,33 @@ def test_a_failed_training_is_reported_with_its_log_and_cancels_the_evaluations(
     assert "4 jobs: 0 pending, 0 running, 1 done, 3 failed" in out, out
     changed = stage_status(profile, env)  # the successful training is recorded, nothing else
     assert f"train@{FAST_RUN}" not in changed and {f"train@{SLOW_RUN}", f"evaluate@{FAST_RUN}"} <= changed
+
+
+@pytest.mark.slow
+def test_grid_stack_on_slurm_trains_two_runs_in_one_array_job_and_records_both(cluster, tmp_path):
+    """`grid --executor slurm --stack 2`: ONE train-stacked job for two runs, then one evaluation each; every train
+    and evaluate stage of both runs is recorded in dvc.lock afterwards."""
+    repo, env = make_workspace(tmp_path)
+    profile = repo / PROFILE
+    params = yaml.safe_load((profile / "params.yaml").read_text())
+    smoke = yaml.safe_load((ROOT / PROFILE / "params.yaml").read_text())
+    pair = ["resnet20-fp-pgd_at", "en1resnet20-ternary-br-pgd_at"]  # same data pass: they stack
+    params["experiments"] = {name: {**smoke["experiments"][name], "twin": name} for name in pair}  # the transfer
+    params["train"]["epochs"] = 1  # check then attacks the run itself (its float twin is not in this workspace)
+    (profile / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    job_env = {**env, **cluster, "PATH": f"{env['PATH']}:/usr/sbin:/sbin"}
+    proc = subprocess.run([sys.executable, "-m", "paper_repro", "grid", "--executor", "slurm", "--stack", "2",
+                           "--time-min", "10", "--mem-gb", "2"], cwd=profile, env=job_env, capture_output=True,
+                          text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out + logs_of(profile)
+    assert re.search(rf"submitted 1 train job\(s\) as Slurm job \d+: \S+={pair[0]}\+{pair[1]}$", out, re.M), out
+    assert "submitted 2 evaluate job(s)" in out, out
+    assert f"train@{pair[0]} + train@{pair[1]} (job " in out and "3 jobs: 0 pending, 0 running, 3 done, 0 failed" in out
+    entry = json.loads((profile / slurm.MANIFEST).read_text())["jobs"][0]
+    assert (entry["experiment"], entry["stacked_with"]) == (pair[0], pair[1:])
+    assert "train-stacked" in (profile / "logs" / "grid" / f"train-{pair[0]}+1.log").read_text().splitlines()[0]
+    for name in pair:
+        assert json.loads((profile / "runs" / name / "train.json").read_text())["stacked_with"] == [
+            n for n in pair if n != name]
+    assert stage_status(profile, env) == {"verify", "report"}  # train@ and evaluate@ of both are in dvc.lock
