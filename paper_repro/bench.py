@@ -12,6 +12,8 @@ speedup as the ratio of medians with the range of the per-repeat ratios.
 
 ``--stacked K ...`` also times K ResNet20s trained as one grouped network (``paper_repro.stacked``)
 against the same K trained one after another with our loop (aggregate images/s, same PGD-10 step).
+``--compile MODE`` adds our loop (and the stacked network) under torch.compile; ``--cuda-graph`` adds them with
+the whole step captured as one CUDA graph (``paper_repro.step_graph``, what ``train.cuda_graph`` does).
 The last line is ``speedup_pgd_at_resnet20=<ratio>``.
 """
 from __future__ import annotations
@@ -37,7 +39,8 @@ from .quant import BinaryRelax
 from .runtime import channels_last_for, compile_forward, use_amp
 from .stacked import build_stacked
 from .stacked_step import StackedRelax, stacked_train_step
-from .train import train_step
+from .step_graph import StepGraph, step_generators
+from .train import make_optimizer, train_step
 
 MODELS = ("resnet20", "en5resnet20")
 KINDS = ("clean", "pgd_at")
@@ -87,10 +90,17 @@ def baseline_steps(model, optimizer, images, labels, batch, kind, attack, device
             yield y.numel()
 
 
+def sgd(model: torch.nn.Module, graph: bool) -> torch.optim.SGD:
+    """The timed loops' SGD (lr 0.01, momentum 0.9, weight decay 5e-4); a graphed step reads its lr on the device."""
+    settings = config.from_dict({"train": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False}})
+    return make_optimizer(model.parameters(), settings, lr_on_device=graph)
+
+
 def our_steps(model, optimizer, images, labels, batch, kind, attack, device, settings,
-              compile_mode: str | None = None) -> Iterator[int]:
+              compile_mode: str | None = None, graph: bool = False) -> Iterator[int]:
     """Our loop; with ``compile_mode`` the network runs through ``torch.compile`` (fused kernels, and CUDA
-    graphs with "reduce-overhead"): the first steps compile, so warm-up must cover them."""
+    graphs with "reduce-overhead"): the first steps compile, so warm-up must cover them. With ``graph`` the whole
+    step is one CUDA graph after two warm-up steps (``optimizer`` from ``sgd(model, graph=True)``)."""
     channels_last = channels_last_for(device, settings)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -103,18 +113,24 @@ def our_steps(model, optimizer, images, labels, batch, kind, attack, device, set
     relax = BinaryRelax(model, None)
     amp = use_amp(settings, device)
     gen = torch.Generator(device=device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return train_step(model, relax, objective, optimizer, x, y, gen, amp)
+
+    if graph:
+        step = StepGraph(step, lambda: step_generators(model, gen))
     epoch = 0
     while True:
         for x, y in loader.epoch(seed=epoch):
-            train_step(model, relax, objective, optimizer, x, y, gen, amp)
+            step(x, y)
             yield y.numel()
         epoch += 1
 
 
 def stacked_steps(name, k, images, labels, batch, attack, device, settings, stacked: bool,
-                  compile_mode: str | None = None) -> Iterator[int]:
-    """K models on one shared batch per step: one stacked network (under torch.compile with ``compile_mode``), or
-    K of our steps one after another."""
+                  compile_mode: str | None = None, graph: bool = False) -> Iterator[int]:
+    """K models on one shared batch per step: one stacked network (under torch.compile with ``compile_mode``, or
+    as one CUDA graph with ``graph``), or K of our steps one after another."""
     channels_last = channels_last_for(device, settings)
     loader = DeviceLoader(images, labels, batch, device, augment=True, shuffle=True, drop_last=True,
                           channels_last=channels_last)
@@ -125,18 +141,24 @@ def stacked_steps(name, k, images, labels, batch, attack, device, settings, stac
     if stacked:
         net = build_stacked([name] * k, list(range(k))).to(device, memory_format=fmt)
         relax = StackedRelax(net, [BinaryRelax(build(name, seed=i), None) for i in range(k)])
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = sgd(net, graph)
         if compile_mode:
             compile_forward(net, compile_mode)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+            return stacked_train_step(net, relax, [objective] * k, opt, x, y, gens, amp)
+
+        if graph:
+            step = StepGraph(step, lambda: step_generators(net, *gens))
     else:
         nets = [build(name, seed=i).to(device, memory_format=fmt) for i in range(k)]
         relaxes = [BinaryRelax(m, None) for m in nets]
-        opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in nets]
+        opts = [sgd(m, False) for m in nets]
     epoch = 0
     while True:
         for x, y in loader.epoch(seed=epoch):
             if stacked:
-                stacked_train_step(net, relax, [objective] * k, opt, x, y, gens, amp)
+                step(x, y)
             else:
                 for m, r, o, g in zip(nets, relaxes, opts, gens):
                     train_step(m, r, objective, o, x, y, g, amp)
@@ -196,43 +218,58 @@ def _line(key: str, row: dict, base: str, new: str) -> str:
 
 def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ...], batch: int, warmup: int,
         timed: int, n_images: int, device: torch.device, log: Callable[[str], None] = print, repeats: int = 1,
-        stacked: tuple[int, ...] = (), stacked_model: str = "resnet20", compile_mode: str | None = None) -> dict:
+        stacked: tuple[int, ...] = (), stacked_model: str = "resnet20", compile_mode: str | None = None,
+        graph: bool = False) -> dict:
+    """Rows of results: ``<kind>_<model>`` (ours vs baseline) and ``stacked<K>_pgd_at_<model>`` (stacked vs
+    sequential), each with ``_compiled`` (``compile_mode``) and ``_graphed`` (``graph``) rows beside it."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n_images, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n_images)
     attack = settings.train.pgd
+    variants = [("compiled", {"compile_mode": compile_mode}, f" (torch.compile {compile_mode})")] if compile_mode else []
+    if graph:
+        variants.append(("graphed", {"graph": True}, " (whole step as one CUDA graph)"))
     results = {}
+
+    def report(key: str, label: str, runs: dict[str, list[float]], base: str, new: str) -> None:
+        results[key] = compare(runs, base, new)
+        log(_line(label, results[key], base, new))
+        for variant, _, note in variants:
+            loop = f"{new}_{variant}" if new == "stacked" else variant
+            extra = results[f"{key}_{variant}"] = {**compare(runs, base, loop), "variant": variant}
+            if variant == "compiled":
+                extra["compile_mode"] = compile_mode
+            log(_line(label, extra, base, loop) + note)
+
     for name in models:
         for kind in kinds:
-            loops = {}
-            for loop in ("baseline", "ours", "compiled") if compile_mode else ("baseline", "ours"):
-                model = build(name, seed=0).to(device)
-                opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-                loops[loop] = (baseline_steps(model, opt, images, labels, batch, kind, attack, device)
-                               if loop == "baseline"
-                               else our_steps(model, opt, images, labels, batch, kind, attack, device, settings,
-                                              compile_mode if loop == "compiled" else None))
-            runs = measure(loops, warmup, timed, repeats, device)
-            row = results[f"{kind}_{name}"] = compare(runs, "baseline", "ours")
-            log(_line(f"{kind} {name}", row, "baseline", "ours"))
-            if compile_mode:
-                extra = results[f"{kind}_{name}_compiled"] = {**compare(runs, "baseline", "compiled"),
-                                                              "compile_mode": compile_mode}
-                log(_line(f"{kind} {name}", extra, "baseline", "compiled") + f" (torch.compile {compile_mode})")
+            loops = {"baseline": _baseline_loop(name, images, labels, batch, kind, attack, device),
+                     "ours": _our_loop(name, images, labels, batch, kind, attack, device, settings)}
+            for variant, options, _ in variants:
+                loops[variant] = _our_loop(name, images, labels, batch, kind, attack, device, settings, **options)
+            report(f"{kind}_{name}", f"{kind} {name}", measure(loops, warmup, timed, repeats, device),
+                   "baseline", "ours")
     for k in stacked:
-        names = ("sequential", "stacked", "stacked_compiled") if compile_mode else ("sequential", "stacked")
         loops = {loop: stacked_steps(stacked_model, k, images, labels, batch, attack, device, settings,
-                                     loop != "sequential", compile_mode if loop == "stacked_compiled" else None)
-                 for loop in names}
-        runs = measure(loops, warmup, timed, repeats, device)
-        row = results[f"stacked{k}_pgd_at_{stacked_model}"] = compare(runs, "sequential", "stacked")
-        log(_line(f"{k}x {stacked_model} pgd_at", row, "sequential", "stacked"))
-        if compile_mode:
-            extra = results[f"stacked{k}_pgd_at_{stacked_model}_compiled"] = {
-                **compare(runs, "sequential", "stacked_compiled"), "compile_mode": compile_mode}
-            log(_line(f"{k}x {stacked_model} pgd_at", extra, "sequential", "stacked_compiled")
-                + f" (torch.compile {compile_mode})")
+                                     loop != "sequential") for loop in ("sequential", "stacked")}
+        for variant, options, _ in variants:
+            loops[f"stacked_{variant}"] = stacked_steps(stacked_model, k, images, labels, batch, attack, device,
+                                                        settings, True, **options)
+        report(f"stacked{k}_pgd_at_{stacked_model}", f"{k}x {stacked_model} pgd_at",
+               measure(loops, warmup, timed, repeats, device), "sequential", "stacked")
     return results
+
+
+def _baseline_loop(name, images, labels, batch, kind, attack, device) -> Iterator[int]:
+    model = build(name, seed=0).to(device)
+    return baseline_steps(model, sgd(model, False), images, labels, batch, kind, attack, device)
+
+
+def _our_loop(name, images, labels, batch, kind, attack, device, settings, compile_mode: str | None = None,
+              graph: bool = False) -> Iterator[int]:
+    model = build(name, seed=0).to(device)
+    return our_steps(model, sgd(model, graph), images, labels, batch, kind, attack, device, settings, compile_mode,
+                     graph)
 
 
 def environment(device: torch.device) -> dict:
@@ -255,6 +292,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", dest="compile_mode", choices=("default", "reduce-overhead", "max-autotune"),
                    help="also time our loop (and, with --stacked, the stacked network) under torch.compile in this mode "
                         "(warm-up compiles)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time our loop (and, with --stacked, the stacked network) with the whole step captured as "
+                        "one CUDA graph after two warm-up steps (CUDA only; what train.cuda_graph does)")
     p.add_argument("--json", type=Path, help="also write the results here (e.g. reports/bench.json)")
 
 
@@ -267,6 +307,8 @@ def main(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise config.ConfigError(f"{what} must be >= 1, got {value}")
     device = pick_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise config.ConfigError(f"bench --cuda-graph needs a CUDA device, got {device.type}")
     timed = args.steps or (30 if device.type == "cuda" else 3)
     repeats = args.repeats or (5 if device.type == "cuda" else 3)
     n_images = args.batch_size * (args.warmup + timed * repeats + 1)
@@ -275,11 +317,11 @@ def main(args: argparse.Namespace) -> int:
           f"{args.warmup} warm-up + {repeats} x {timed} timed steps per loop (interleaved)")
     results = run(settings, tuple(args.models), tuple(args.kinds), args.batch_size, args.warmup, timed, n_images,
                   device, repeats=repeats, stacked=tuple(args.stacked), stacked_model=args.stacked_model,
-                  compile_mode=args.compile_mode)
+                  compile_mode=args.compile_mode, graph=args.cuda_graph)
     if args.json:
         setup = {"batch_size": args.batch_size, "warmup": args.warmup, "timed_steps": timed, "repeats": repeats,
                  "pgd_steps": settings.train.pgd.steps, "amp": use_amp(settings, device),
-                 "compile": args.compile_mode}
+                 "compile": args.compile_mode, "cuda_graph": args.cuda_graph}
         atomic.write_json(args.json, {"environment": env, "setup": setup, "results": results}, indent=2)
     for key, row in results.items():
         if key != "pgd_at_resnet20":

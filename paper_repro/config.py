@@ -130,6 +130,9 @@ class TrainSettings:
     #: torch.compile of the network: none, or a torch.compile mode; reduce-overhead adds CUDA graphs (the GPU
     #: bench's 4.2x on a ResNet20 PGD-10 step). An execution setting: a resume may change it.
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    #: on CUDA, capture each epoch's training step whole (attack, loss, backward, SGD) as one CUDA graph and
+    #: replay it (paper_repro/step_graph.py); ignored, with a note, on other devices. An execution setting.
+    cuda_graph: bool = False
 
     def validate(self, at: str) -> None:
         _check(self.epochs >= 1, f"{at}.epochs must be >= 1, got {self.epochs}")
@@ -144,6 +147,9 @@ class TrainSettings:
         _check(self.relax.hard_epoch <= self.epochs,
                f"{at}.relax.hard_epoch ({self.relax.hard_epoch}) must be <= {at}.epochs ({self.epochs})")
         _positive_or_none(self.val_examples, f"{at}.val_examples")
+        _check(not (self.cuda_graph and self.compile in ("reduce-overhead", "max-autotune")),
+               f"{at}.cuda_graph captures the whole step as one CUDA graph and {at}.compile {self.compile} makes "
+               f"CUDA graphs of its own: use compile none or default with it")
         self.pgd.validate(f"{at}.pgd")
         self.val_attack.validate(f"{at}.val_attack")
         self.relax.validate(f"{at}.relax")

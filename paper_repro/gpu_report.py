@@ -25,6 +25,8 @@ ASSUMPTIONS = (
     "not included: the audit and sanity attacks, data preparation, queueing",
     "'stacked': the training hours divided by the largest measured K-stacked speedup (bench), as if every run "
     "trained in a stack of K (runs stack when they share depth, loss kind and training attack)",
+    "'one CUDA graph': the training hours divided by the last-epoch speedup the train part measured for its first "
+    "run trained again with train.cuda_graph (a ResNet20 or En1ResNet20 speedup applied to every model)",
 )
 
 
@@ -79,6 +81,7 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
         unit[noisy(exp.model)] = fig["epoch_wall_s"] * scale / cost
     fallback = statistics.mean(unit.values())
     stacked = best_stacked(parts.get("bench", {}).get("result", {}))
+    graphed = (train.get("graphed") or {}).get("speedup_last_epoch")
     columns = parts.get("columns", {}).get("result", {})
     per_image = columns.get("total_s") / columns["images"] if columns.get("total_s") and columns.get("images") else None
     out: dict[str, Any] = {"dry": dry, "note": "dry run on the CPU: not a GPU figure" if dry else
@@ -97,9 +100,13 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
             row["paper_columns_gpu_hours"] = round(eval_s / 3600, 2)
         if stacked:
             row["train_gpu_hours_stacked"] = round(train_s / 3600 / stacked[1], 2)
+        if graphed:
+            row["train_gpu_hours_graphed"] = round(train_s / 3600 / graphed, 2)
         out["profiles"][label] = row
     if stacked:
         out["stacked"] = {"k": stacked[0], "speedup": stacked[1]}
+    if graphed:
+        out["graphed"] = {"experiment": train["graphed"]["experiment"], "speedup": graphed}
     return out
 
 
@@ -107,7 +114,8 @@ def best_stacked(bench: dict[str, Any]) -> tuple[int, float] | None:
     """(K, speedup) of the largest K the bench part measured stacked against sequential, if any."""
     rows = [(int(key.split("_")[0].removeprefix("stacked")), row["speedup"])
             for key, row in (bench.get("results") or {}).items()
-            if key.startswith("stacked") and not row.get("compile_mode")]  # eager stacking: what train-stacked does
+            if key.startswith("stacked") and not row.get("compile_mode") and not row.get("variant")]  # eager
+    # stacking: what train-stacked does unless train.compile or train.cuda_graph is set
     return max(rows) if rows else None
 
 
@@ -165,7 +173,10 @@ def _bench(part: dict[str, Any] | None) -> list[str]:
     for key, row in r["results"].items():
         base, new = list(row)[:2]  # compare() puts the reference and the compared loop first
         st = row["stats"]
-        key = f"{key} (torch.compile {row['compile_mode']})" if row.get("compile_mode") else key
+        if row.get("compile_mode"):
+            key = f"{key} (torch.compile {row['compile_mode']})"
+        elif row.get("variant") == "graphed":
+            key = f"{key} (whole step as one CUDA graph)"
         rows.append([key, f"{base} {st[base]['median']:,.1f} (±{st[base]['spread_pct']:.0f}%)",
                      f"{new} {st[new]['median']:,.1f} (±{st[new]['spread_pct']:.0f}%)",
                      f"{row['speedup']:.2f}x [{row['speedup_range'][0]:.2f}-{row['speedup_range'][1]:.2f}]"])
@@ -188,7 +199,8 @@ def _train(part: dict[str, Any] | None) -> list[str]:
             if not f.get("skipped")]
     return [f"## Short training ({r.get('train_images', '?')} training images, up to {r.get('epochs')} epochs)", ""] + \
         _table(["experiment", "epochs", "val natural %", "val PGD %", "train img/s", "epoch s (with val)",
-                "peak memory", "ended by"], rows) + (skipped + [""] if skipped else []) + _compiled(r) + _stacked(r)
+                "peak memory", "ended by"], rows) + (skipped + [""] if skipped else []) + _again(r, "graphed") + \
+        _again(r, "compiled") + _stacked(r)
 
 
 def _stacked(r: dict[str, Any]) -> list[str]:
@@ -205,19 +217,21 @@ def _stacked(r: dict[str, Any]) -> list[str]:
             f"one after another (x{_fmt(c.get('speedup'), 2)}), {c.get('epochs_done')} epoch(s); {accuracy}.", ""]
 
 
-def _compiled(r: dict[str, Any]) -> list[str]:
-    """The first run again under train.compile: last epoch against the eager run's last epoch."""
-    c = r.get("compiled")
+def _again(r: dict[str, Any], key: str) -> list[str]:
+    """The first run again with other train settings (a CUDA graph, torch.compile): last epoch against the eager
+    run's last epoch."""
+    c = r.get(key)
     if not c:
         return []
-    head = f"Under `train.compile: {c['mode']}` ({c['experiment']}):"
+    changes = c.get("settings") or {"train.compile": c.get("mode")}  # reports before train.cuda_graph: "mode"
+    head = f"With `{', '.join(f'{k}: {v}' for k, v in changes.items())}` ({c['experiment']}):"
     if c.get("skipped"):
         return [f"{head} skipped, {c['skipped']}.", ""]
     eager = (r.get("experiments") or {}).get(c["experiment"], {})
     return [f"{head} last epoch {_fmt(c.get('last_epoch_images_per_s'))} img/s against eager "
             f"{_fmt(eager.get('last_epoch_images_per_s'))} img/s (x{_fmt(c.get('speedup_last_epoch'), 2)}); "
-            f"{c.get('epochs_done')} epoch(s), mean {_fmt(c.get('train_images_per_s'))} img/s with the compiling first "
-            f"epoch; val natural {_fmt(c.get('val_natural_acc'))}%, PGD {_fmt(c.get('val_pgd_acc'))}% (eager "
+            f"{c.get('epochs_done')} epoch(s), mean {_fmt(c.get('train_images_per_s'))} img/s with the first (compiling or "
+            f"capturing) epoch; val natural {_fmt(c.get('val_natural_acc'))}%, PGD {_fmt(c.get('val_pgd_acc'))}% (eager "
             f"{_fmt(eager.get('val_natural_acc'))}%, {_fmt(eager.get('val_pgd_acc'))}%).", ""]
 
 
@@ -234,9 +248,10 @@ def _estimate(est: dict[str, Any] | None) -> list[str]:
     if not est:
         return ["## Paper-grid estimate", "", "Not computed: the train part measured no epoch.", ""]
     k = est.get("stacked", {}).get("k")
+    g = est.get("graphed", {}).get("speedup")
     rows = [[name, p["runs"], p["epochs"], p["train_gpu_hours"], p.get("train_gpu_hours_stacked"),
-             p.get("paper_columns_gpu_hours")] for name, p in est["profiles"].items()]
+             p.get("train_gpu_hours_graphed"), p.get("paper_columns_gpu_hours")] for name, p in est["profiles"].items()]
     return ["## Paper-grid estimate", "", f"{est['note']}.", ""] + \
         _table(["profile", "runs", "epochs", "training GPU-hours", f"stacked (K={k or '-'})",
-                "paper-column GPU-hours"], rows) + \
+                f"one CUDA graph per step (x{_fmt(g, 2)})", "paper-column GPU-hours"], rows) + \
         [f"- {a}" for a in est["assumptions"]] + [""]

@@ -33,7 +33,7 @@ class SettingsChanged(ConfigError):
 #: train.* settings that do not change what is computed, only where and how fast: a resume across a
 #: change of them continues (and says so). ``amp`` enters the trajectory as its effective value (bf16
 #: autocast on or off for the device), ``epochs`` only for the one-cycle schedule (see ``trajectory``).
-EXECUTION_SETTINGS = ("device", "amp", "channels_last", "compile")
+EXECUTION_SETTINGS = ("device", "amp", "channels_last", "compile", "cuda_graph")
 
 
 def _flat(prefix: str, value: Any) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def trajectory(settings: Settings, experiment: Experiment, data_md5: str | None,
                ) -> dict[str, Any]:
     """Every setting that changes the sequence of weights (or the selection), flattened to dotted keys:
     what a resumed run must share with the run it continues. Left out: the execution settings (device,
-    channels_last, compile, and amp except through its effect), and train.epochs under the step schedule,
+    channels_last, compile, cuda_graph, and amp except through its effect), and train.epochs under the step schedule,
     whose milestones are absolute epochs, so that a longer run repeats a shorter one epoch for epoch
     (extending train.epochs continues a run). The one-cycle learning rate depends on train.epochs at
     every step, so there it is part of the trajectory. The loss weights and quantizer options enter as their

@@ -206,6 +206,18 @@ def use_amp(settings: Settings, device: torch.device) -> bool:
     return settings.train.amp == "bf16" or (settings.train.amp == "auto" and device.type == "cuda")
 
 
+def use_cuda_graph(settings: Settings, device: torch.device) -> bool:
+    """Graph the training step (``train.cuda_graph``): CUDA only."""
+    return settings.train.cuda_graph and device.type == "cuda"
+
+
+def cuda_graph_note(settings: Settings, device: torch.device) -> str | None:
+    """The line to print when train.cuda_graph is asked for on a device without CUDA graphs."""
+    if settings.train.cuda_graph and device.type != "cuda":
+        return f"note: train.cuda_graph needs a CUDA device; training on {device.type} runs the step eagerly"
+    return None
+
+
 def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 

@@ -54,6 +54,8 @@ class StackedNoise(nn.Module):
         super().__init__()
         self.sources = list(sources)
         self.channels = channels
+        self._sigma_key: tuple | None = None
+        self._sigma_tensor: Tensor | None = None
 
     def forward(self, out: Tensor) -> Tensor:
         active = [s is not None and s.enabled and s.sigma != 0.0 for s in self.sources]
@@ -66,13 +68,21 @@ class StackedNoise(nn.Module):
             raise ValueError(f"stacked members must share one noise_std mode, got {sorted(modes)}")
         dims = (0, 2, 3, 4) if modes == {"batch"} else (2, 3, 4)
         std = groups.std(dim=dims, keepdim=True)  # per member (and per example for "sample")
-        sigma = torch.tensor([s.sigma if on else 0.0 for s, on in zip(self.sources, active)],
-                             device=out.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        sigma = self._sigma([s.sigma if on else 0.0 for s, on in zip(self.sources, active)], out.device)
         shape = (b, self.channels, h, w)
         z = torch.stack([torch.randn(shape, generator=s.generator(out.device), device=out.device, dtype=out.dtype)
                          if on else torch.zeros(shape, device=out.device, dtype=out.dtype)
                          for s, on in zip(self.sources, active)], dim=1)
         return out + ((sigma * std).to(out.dtype) * z).flatten(1, 2)
+
+    def _sigma(self, values: list[float], device: torch.device) -> Tensor:
+        """The members' sigmas as a (1, K, 1, 1, 1) tensor, kept: a host-to-device copy per call would be a sync,
+        which a CUDA graph capture of the step cannot hold."""
+        key = (tuple(values), device)
+        if self._sigma_key != key:
+            self._sigma_tensor = torch.tensor(values, device=device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+            self._sigma_key = key
+        return self._sigma_tensor
 
 
 class StackedBlock(nn.Module):
@@ -187,6 +197,10 @@ class StackedEnResNet(nn.Module):
             if s is not None:
                 s.std_mode = mode
         return self
+
+    def noise_generators(self) -> list[torch.Generator]:
+        """The generators the noise layers made since the last reseed (a CUDA graph of the step registers them)."""
+        return [s._generator for s in self.sources if s is not None and s._generator is not None]
 
     def seed_noise(self, seed: int | Sequence[int]) -> "StackedEnResNet":
         """Reseed model i's members exactly as ``EnResNet.seed_noise(seeds[i])`` would (one int: all models)."""

@@ -41,8 +41,7 @@ from .config import Experiment, Settings
 from .data import load_prepared, provenance, validation_split
 from .loader import DeviceLoader, pick_device
 from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, autocast, channels_last_for, compile_forward,
-                      device_name,
-                      fault, positive_seconds, use_amp)
+                      cuda_graph_note, device_name, fault, positive_seconds, use_amp, use_cuda_graph)
 from .losses import Objective, objective_for
 from .models import build
 from .models.enresnet import derive_seed
@@ -50,6 +49,7 @@ from .quant import BinaryRelax
 from .run_state import (ResumeError, SettingsChanged, TrainingDiverged, execution, last_good,  # noqa: F401 - the
                         non_finite, open_record, save_selected, save_state, state_tensors)  # errors train raises
 from .attacks import pgd
+from .step_graph import StepGraph, step_generators
 
 CHECK_FINITE_EVERY = 25  # steps between (syncing) checks that the loss is finite
 
@@ -108,9 +108,32 @@ def make_model(experiment: Experiment, seed: int, device: torch.device, channels
     return model
 
 
-def make_optimizer(parameters: Any, settings: Settings) -> torch.optim.SGD:
+def make_optimizer(parameters: Any, settings: Settings, lr_on_device: bool = False) -> torch.optim.SGD:
+    """The recipe's SGD. ``lr_on_device`` (a graphed step): the learning rate is a tensor on the parameters'
+    device that the fused SGD reads there, so a replayed CUDA graph follows the schedule (``set_lr``)."""
     t = settings.train
-    return torch.optim.SGD(parameters, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov)
+    params = list(parameters)
+    lr: float | torch.Tensor = t.lr
+    if lr_on_device:
+        lr = torch.tensor(t.lr, device=params[0].device)
+    return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov,
+                           fused=True if lr_on_device else None)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """The learning rate of every group; a tensor one is filled in place (a CUDA graph holds that tensor)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+            group["scheduled_lr"] = value  # the exact value (the tensor holds it in fp32), read without a sync
+        else:
+            group["lr"] = value
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate last set, as the schedule gave it."""
+    group = optimizer.param_groups[0]
+    return float(group.get("scheduled_lr", group["lr"]))
 
 
 def make_relax(model: torch.nn.Module, experiment: Experiment, settings: Settings) -> BinaryRelax:
@@ -138,31 +161,38 @@ def train_step(model: torch.nn.Module, relax: BinaryRelax, objective: Objective,
 
 def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective, loader: DeviceLoader,
                 optimizer: torch.optim.Optimizer, epoch: int, seed: int, amp: bool, quiet: bool,
-                settings: Settings | None = None) -> dict[str, float]:
+                settings: Settings | None = None, graph: bool = False) -> dict[str, float]:
     """One pass over the training data; with ``settings`` the learning rate follows lr_at per step
-    (a one-cycle schedule moves within the epoch; the step schedule is constant within it)."""
+    (a one-cycle schedule moves within the epoch; the step schedule is constant within it). ``graph``: the
+    step is captured as one CUDA graph after warm-up and replayed (an optimizer from
+    ``make_optimizer(..., lr_on_device=True)``)."""
     device = loader.device
     attack_gen = torch.Generator(device=device)
     attack_gen.manual_seed(derive_seed(seed, "attack", epoch))
     model.seed_noise(derive_seed(seed, "noise", epoch))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return train_step(model, relax, objective, optimizer, x, y, attack_gen, amp)
+
+    if graph:
+        step = StepGraph(step, lambda: step_generators(model, attack_gen))
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     bar = tqdm(loader.epoch(derive_seed(seed, "data", epoch)), total=len(loader), disable=quiet, leave=False,
                desc=f"epoch {epoch + 1}", unit="batch")
     start = time.perf_counter()
-    for step, (x, y) in enumerate(bar, 1):
+    for batch_no, (x, y) in enumerate(bar, 1):
         if settings is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch + (step - 1) / len(loader), settings)
-        loss, logits = train_step(model, relax, objective, optimizer, x, y, attack_gen, amp)
+            set_lr(optimizer, lr_at(epoch + (batch_no - 1) / len(loader), settings))
+        loss, logits = step(x, y)
         loss_sum += loss.detach().float() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
         seen += y.numel()
-        if step % CHECK_FINITE_EVERY == 0 or step == len(loader):
+        if batch_no % CHECK_FINITE_EVERY == 0 or batch_no == len(loader):
             mean = loss_sum.item() / seen
             if not math.isfinite(mean):
-                raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, step {step}")
+                raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, step {batch_no}")
             bar.set_postfix(loss=f"{mean:.3f}", acc=f"{100 * correct.item() / seen:.1f}")
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum.item() / seen, "train_acc": 100 * correct.item() / seen,
@@ -243,14 +273,14 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
 
     model = make_model(experiment, t.seed, device, channels_last, data.num_classes)
     relax = make_relax(model, experiment, settings)
-    optimizer = make_optimizer(model.parameters(), settings)
+    optimizer = make_optimizer(model.parameters(), settings, lr_on_device=use_cuda_graph(settings, device))
     objective = objective_for(experiment, t.pgd)
     amp = use_amp(settings, device)
     if t.compile != "none":  # the module keeps its state-dict keys; attack, training and validation run compiled
         compile_forward(model, t.compile)
-    no_phase2 = warn_no_phase2(settings, experiment)
-    if no_phase2:
-        print(no_phase2, flush=True)
+    for note in (warn_no_phase2(settings, experiment), cuda_graph_note(settings, device)):
+        if note:
+            print(note, flush=True)
 
     md5 = data.meta.get("archive_md5")
     exec_now = execution(settings, device)
@@ -308,10 +338,10 @@ def run_epochs(settings: Settings, experiment: Experiment, paths: RunPaths, live
                 break
             fault("epoch-start", epoch + 1)
             start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch, settings)
+            set_lr(optimizer, lr_at(epoch, settings))
             try:
-                stats = train_epoch(model, relax, objective, loader, optimizer, epoch, t.seed, amp, quiet, settings)
+                stats = train_epoch(model, relax, objective, loader, optimizer, epoch, t.seed, amp, quiet, settings,
+                                    graph=use_cuda_graph(settings, device))
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"{e}; {last_good(paths, record)}") from None
             close_epoch(settings, experiment, paths, live, record, sidecar, model, relax, optimizer, stats, epoch,
@@ -336,7 +366,7 @@ def close_epoch(settings: Settings, experiment: Experiment, paths: RunPaths, liv
         raise TrainingDiverged(f"non-finite {', '.join(bad[:3])}{'...' if len(bad) > 3 else ''} after epoch "
                                f"{epoch + 1} (the loss stayed finite); {last_good(paths, record)}")
     stats.update(validate(model, relax, x_val, y_val, settings, amp))
-    stats.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], eta=relax.eta, phase=relax.phase(epoch))
+    stats.update(epoch=epoch + 1, lr=current_lr(optimizer), eta=relax.eta, phase=relax.phase(epoch))
     selectable = relax.selectable(epoch)
     improved = selectable and (record["best"] is None or stats[select_on] > record["best"][select_on])
     relax.end_epoch(epoch)

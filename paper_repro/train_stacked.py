@@ -33,12 +33,14 @@ from .losses import Objective, objective_for
 from .models.enresnet import derive_seed
 from .run_state import ResumeError, TrainingDiverged, execution, last_good, open_record
 from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, channels_last_for, compile_forward,
-                      positive_seconds, use_amp)
+                      cuda_graph_note, positive_seconds, use_amp, use_cuda_graph)
 from .stacked import StackedEnResNet, stack_models, stack_state_dicts, unstack_state_dict
 from .stacked_step import StackedRelax, check_objectives, stacked_train_step
 from .stacking import check_stackable
-from .train import (CHECK_FINITE_EVERY, BudgetReached, close_epoch, finish_run, lr_at, make_model, make_optimizer,
-                    make_relax, open_live, run_and_report, run_sidecar, training_data, warn_no_phase2)
+from .step_graph import StepGraph, step_generators
+from .train import (CHECK_FINITE_EVERY, BudgetReached, close_epoch, current_lr, finish_run, lr_at, make_model,
+                    make_optimizer, make_relax, open_live, run_and_report, run_sidecar, set_lr, training_data,
+                    warn_no_phase2)
 
 
 # --------------------------------------------------------------------------- weights and momentum, both ways
@@ -76,31 +78,36 @@ def unstack_into(net: StackedEnResNet, optimizer: torch.optim.Optimizer, models:
 # --------------------------------------------------------------------------- one epoch
 def stacked_epoch(net: StackedEnResNet, relax: StackedRelax, objectives: Sequence[Objective], loader: DeviceLoader,
                   optimizer: torch.optim.Optimizer, epoch: int, settings: Settings, amp: bool,
-                  quiet: bool) -> list[dict[str, float]]:
+                  quiet: bool, graph: bool = False) -> list[dict[str, float]]:
     """``train.train_epoch`` for the K models at once: the same data order, attack generators and noise seeds as
-    each run alone; per-model loss, accuracy and images/s."""
+    each run alone; per-model loss, accuracy and images/s. ``graph``: as for ``train_epoch``."""
     seed, k, device = settings.train.seed, net.n_models, loader.device
     generators = [torch.Generator(device=device) for _ in range(k)]
     for g in generators:
         g.manual_seed(derive_seed(seed, "attack", epoch))
     net.seed_noise(derive_seed(seed, "noise", epoch))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return stacked_train_step(net, relax, objectives, optimizer, x, y, generators, amp)
+
+    if graph:
+        step = StepGraph(step, lambda: step_generators(net, *generators))
     loss_sum = torch.zeros(k, device=device)
     correct = torch.zeros(k, device=device, dtype=torch.long)
     seen = 0
     bar = tqdm(loader.epoch(derive_seed(seed, "data", epoch)), total=len(loader), disable=quiet, leave=False,
                desc=f"epoch {epoch + 1} (x{k})", unit="batch")
     start = time.perf_counter()
-    for step, (x, y) in enumerate(bar, 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch + (step - 1) / len(loader), settings)
-        parts, logits = stacked_train_step(net, relax, objectives, optimizer, x, y, generators, amp)
+    for batch_no, (x, y) in enumerate(bar, 1):
+        set_lr(optimizer, lr_at(epoch + (batch_no - 1) / len(loader), settings))
+        parts, logits = step(x, y)
         loss_sum += torch.stack([p.float() for p in parts]) * y.numel()
         correct += (logits.detach().argmax(1).unflatten(0, (k, y.numel())) == y).sum(1)
         seen += y.numel()
-        if step % CHECK_FINITE_EVERY == 0 or step == len(loader):
+        if batch_no % CHECK_FINITE_EVERY == 0 or batch_no == len(loader):
             means = (loss_sum / seen).tolist()
             if not all(math.isfinite(m) for m in means):
-                raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, step {step} (stacked model "
+                raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, step {batch_no} (stacked model "
                                        f"{[i for i, m in enumerate(means) if not math.isfinite(m)]})")
             bar.set_postfix(loss=" ".join(f"{m:.2f}" for m in means))
     elapsed = time.perf_counter() - start
@@ -126,10 +133,10 @@ def train_stacked(settings: Settings, experiments: Sequence[Experiment], run_dir
     optimizers = [make_optimizer(m.parameters(), settings) for m in models]
     objectives = [objective_for(e, t.pgd) for e in experiments]
     check_objectives(objectives)
-    amp = use_amp(settings, device)
-    for e in experiments:
-        if warning := warn_no_phase2(settings, e):
-            print(warning, flush=True)
+    amp, graph = use_amp(settings, device), use_cuda_graph(settings, device)
+    for note in [*(warn_no_phase2(settings, e) for e in experiments), cuda_graph_note(settings, device)]:
+        if note:
+            print(note, flush=True)
     paths = [RunPaths(Path(d)) for d in run_dirs]
     lives = [Path(d) for d in live_dirs] if live_dirs is not None else [Path("dvclive") / e.name for e in experiments]
     md5, exec_now = data.meta.get("archive_md5"), execution(settings, device)
@@ -147,7 +154,7 @@ def train_stacked(settings: Settings, experiments: Sequence[Experiment], run_dir
         net = stack_models(models)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(net.parameters(), settings)
+        optimizer = make_optimizer(net.parameters(), settings, lr_on_device=graph)
         stack_into(net, optimizer, models, optimizers)
         if t.compile != "none":
             compile_forward(net, t.compile)
@@ -168,14 +175,13 @@ def train_stacked(settings: Settings, experiments: Sequence[Experiment], run_dir
             start = time.perf_counter()
             try:
                 stats = stacked_epoch(net, stacked_relax, objectives, data.loader, optimizer, epoch, settings, amp,
-                                      quiet)
+                                      quiet, graph)
             except TrainingDiverged as err:
                 raise TrainingDiverged(f"{err}; " + "; ".join(f"{n}: {last_good(p, r)}"
                                                              for n, p, r in zip(names, paths, records))) from None
             unstack_into(net, optimizer, models, optimizers)
             for i, e in enumerate(experiments):
-                for group in optimizers[i].param_groups:
-                    group["lr"] = optimizer.param_groups[0]["lr"]
+                set_lr(optimizers[i], current_lr(optimizer))
                 close_epoch(settings, e, paths[i], logs[i], records[i], sidecars[i], models[i], relaxes[i],
                             optimizers[i], stats[i], epoch, data.x_val, data.y_val, amp, start)
             if budget is not None:

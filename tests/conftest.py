@@ -58,3 +58,14 @@ def pytest_collection_modifyitems(config, items):
         reasons = [str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif")]
         if any(r in reason for reason in reasons for r in CUDA_SKIP_REASONS):
             item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture
+def float64():
+    """Train and compare in float64 (the loader and the models follow torch's default dtype): fp32 rounding of
+    grouped against single convolutions grows past any useful tolerance within a few SGD steps."""
+    import torch
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)

@@ -51,8 +51,11 @@ def test_dry_run_writes_a_complete_report(tmp_path):
         assert run["epochs_done"] == 1 and run["val_pgd_acc"] is not None and run["train_images_per_s"] > 0
         assert run["peak_memory_gib"] > 0
     compiled = r["train"]["compiled"]  # the first run again under train.compile (default on the CPU)
-    assert compiled["experiment"] == "resnet20-fp-pgd_at" and compiled["mode"] == "default"
+    assert compiled["experiment"] == "resnet20-fp-pgd_at" and compiled["settings"] == {"train.compile": "default"}
     assert compiled["epochs_done"] == 1 and compiled["speedup_last_epoch"] > 0
+    graphed = r["train"]["graphed"]  # and with train.cuda_graph (eager on the CPU, with a note)
+    assert graphed["settings"] == {"train.cuda_graph": True} and graphed["epochs_done"] == 1
+    assert report["estimate"]["graphed"]["speedup"] == graphed["speedup_last_epoch"]
     stacked = r["train"]["stacked"]  # both runs again as one stacked network (they share depth and loss)
     assert stacked["experiments"] == list(runs) and stacked["epochs_done"] == 1 and stacked["speedup"] > 0
     columns = r["columns"]["columns"]
@@ -63,7 +66,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     for heading in ("Dry run on the CPU", "## Parts", "## CUDA-only tests", "## bench", "## Short training",
                     "## Paper columns A1-A4", "## Paper-grid estimate"):
         assert heading in md
-    assert "Under `train.compile: default` (resnet20-fp-pgd_at): last epoch" in md
+    assert "With `train.compile: default` (resnet20-fp-pgd_at): last epoch" in md
+    assert "With `train.cuda_graph: True` (resnet20-fp-pgd_at): last epoch" in md
     assert "Trained together by `train-stacked` (resnet20-fp-pgd_at + en1resnet20-fp-pgd_at):" in md
 
 
@@ -155,19 +159,27 @@ def test_estimate_divides_by_the_largest_measured_stacked_speedup_and_renders_co
         "pgd_at_resnet20_compiled": {"baseline": 1.0, "compiled": 4.2, "speedup": 4.2, "speedup_range": [4, 4.4],
                                      "stats": {"baseline": stats, "ours": stats, "compiled": stats},
                                      "compile_mode": "reduce-overhead"},
+        "pgd_at_resnet20_graphed": {"baseline": 1.0, "graphed": 9.0, "speedup": 9.0, "speedup_range": [8, 10],
+                                    "stats": {"baseline": stats, "ours": stats, "graphed": stats}, "variant": "graphed"},
         "stacked2_pgd_at_resnet20": {"speedup": 1.6}, "stacked8_pgd_at_resnet20": {"speedup": 4.0},
+        "stacked8_pgd_at_resnet20_graphed": {"speedup": 9.5, "variant": "graphed"},
         "stacked4_pgd_at_resnet20": {"speedup": 2.7}}}
-    parts = {"train": {"result": {"train_images": 45000, "experiments": {"resnet20-fp-pgd_at": {"epoch_wall_s": 100.0}}}},
+    parts = {"train": {"result": {"train_images": 45000, "experiments": {"resnet20-fp-pgd_at": {"epoch_wall_s": 100.0}},
+                                  "graphed": {"experiment": "resnet20-fp-pgd_at", "speedup_last_epoch": 2.5}}},
              "bench": {"result": bench}}
     est = grid_estimate(parts, dry=False)
-    assert est["stacked"] == {"k": 8, "speedup": 4.0}
+    assert est["stacked"] == {"k": 8, "speedup": 4.0}  # eager stacking: what train-stacked does by default
+    assert est["graphed"] == {"experiment": "resnet20-fp-pgd_at", "speedup": 2.5}
     for row in est["profiles"].values():
         assert row["train_gpu_hours_stacked"] == pytest.approx(row["train_gpu_hours"] / 4.0, abs=0.01)
+        assert row["train_gpu_hours_graphed"] == pytest.approx(row["train_gpu_hours"] / 2.5, abs=0.01)
     parts["bench"]["result"]["results"] = {k: v for k, v in bench["results"].items() if "stacked" not in k}
     md = markdown({"parts": {"bench": {"status": "ok", **parts["bench"]}}, "created": "now", "dry": False, "command": "c", "params": "p",
                    "budget_s": 1, "wall_s": 1, "ok": True, "versions": {}, "estimate": est})
     assert "| pgd_at_resnet20_compiled (torch.compile reduce-overhead) | baseline 1.0 (±0%) | compiled 1.0" in md
     assert "| pgd_at_resnet20 | baseline 1.0 (±0%) | ours 1.0" in md and "stacked (K=8)" in md
+    assert "| pgd_at_resnet20_graphed (whole step as one CUDA graph) | baseline 1.0 (±0%) | graphed 1.0" in md
+    assert "one CUDA graph per step (x2.50)" in md
 
 
 def test_the_recorded_command_carries_no_machine_paths(tmp_path):

@@ -60,14 +60,6 @@ def assert_close_runs(a, b, summary_a, summary_b):
         assert (ha["eta"], ha["phase"], ha["lr"]) == (hb["eta"], hb["phase"], hb["lr"])
 
 
-@pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
 def test_stacked_runs_equal_separate_runs_and_resume_as_plain_runs(tmp_path, prepared_dir, float64):
     settings = settings_for(prepared_dir)
     experiments = [settings.experiment(r["name"]) for r in RUNS]

@@ -185,6 +185,10 @@ class EnResNet(nn.Module):
             s.std_mode = mode
         return self
 
+    def noise_generators(self) -> list[torch.Generator]:
+        """The generators the noise layers made since the last reseed (a CUDA graph of the step registers them)."""
+        return [s._generator for s in self._sources if s._generator is not None]
+
     def seed_noise(self, seed: int) -> "EnResNet":
         """Restart every member's noise stream from ``seed`` (members still get distinct streams)."""
         for i, s in enumerate(self._sources):

@@ -1,0 +1,212 @@
+"""``train.cuda_graph`` (issue 14): the training step captured whole as one CUDA graph trains the run the eager step
+trains.
+
+On the CPU the graph itself cannot exist, so ``ReplayByRerun`` stands in for it with the same contract: capture
+records without running, each replay runs the step on the graph's own input tensors and refreshes the outputs the
+capture returned. That checks everything around the graph: warm-up, the copy of each batch into the graph's inputs,
+the eager partial batch, the generators handed over for registration, and the learning rate on the device. The
+tests marked for CUDA replay real graphs (``pytest -m cuda``; gpu-check runs them).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from paper_repro import config, step_graph, train as train_mod, train_stacked as stacked_mod
+from paper_repro.train_stacked import train_stacked
+
+from test_train_stacked import RUNS, assert_close_runs, settings_for
+
+GRAPHED = {"batch_size": 25}  # 120 training images: 2 warm-up steps, 2 replays, the last 20 images eagerly
+
+
+def _copy_into(target: Any, source: Any) -> None:
+    if isinstance(target, torch.Tensor):
+        target.copy_(source)
+    else:
+        for t, s in zip(target, source, strict=True):
+            _copy_into(t, s)
+
+
+def _empty_like(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value)
+    return type(value)(_empty_like(v) for v in value)
+
+
+class ReplayByRerun(step_graph.StepGraph):
+    """A CPU stand-in for a CUDA graph (see the module docstring); records what each capture registered."""
+
+    captures: list[list[torch.Generator]] = []
+    made: list["ReplayByRerun"] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.made.append(self)
+        self._template: Any = None
+
+    def _warm_up(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        self._template = self.step(x, y)
+        return self._template
+
+    def _capture(self, run):
+        self.captures.append(list(self.generators()))
+        outputs = _empty_like(self._template)
+
+        def replay() -> None:
+            _copy_into(outputs, run())
+        return replay, outputs
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Train and train-stacked graph their steps on the CPU with ReplayByRerun."""
+    ReplayByRerun.captures, ReplayByRerun.made = [], []
+    for module in (train_mod, stacked_mod):
+        monkeypatch.setattr(module, "StepGraph", ReplayByRerun)
+        monkeypatch.setattr(module, "use_cuda_graph", lambda settings, device: settings.train.cuda_graph)
+    return ReplayByRerun
+
+
+def test_a_graphed_run_is_the_eager_run(tmp_path, prepared_dir, float64, fake_graphs):
+    """Weights, Q(W), histories and selection equal the eager run's; every epoch captured once, with the attack's
+    and the noise's generators, replayed every full batch after warm-up, the partial batch run eagerly."""
+    for schedule in ("step", "onecycle"):  # one-cycle moves the learning rate at every step
+        eager_settings = settings_for(prepared_dir, schedule=schedule, **GRAPHED)
+        graphed_settings = settings_for(prepared_dir, schedule=schedule, cuda_graph=True, **GRAPHED)
+        for name in ("en1resnet8-ternary-br-pgd_at", "resnet8-fp-pgd_at"):
+            e = eager_settings.experiment(name)
+            fake_graphs.captures, fake_graphs.made = [], []
+            a = train_mod.train(eager_settings, e, tmp_path / schedule / "eager" / name, quiet=True,
+                                live_dir=tmp_path / "live" / schedule / "eager" / name)
+            assert fake_graphs.made == []
+            b = train_mod.train(graphed_settings, e, tmp_path / schedule / "graphed" / name, quiet=True,
+                                live_dir=tmp_path / "live" / schedule / "graphed" / name)
+            assert_close_runs(tmp_path / schedule / "eager" / name, tmp_path / schedule / "graphed" / name, a, b)
+            assert [(g.eager_steps, g.replays) for g in fake_graphs.made] == [(3, 2), (3, 2)]  # per epoch
+            noisy = 1 if name.startswith("en1") else 0
+            assert [len(gens) for gens in fake_graphs.captures] == [1 + noisy] * 2
+
+
+def test_a_graphed_stacked_run_is_the_eager_stacked_run(tmp_path, prepared_dir, float64, fake_graphs):
+    eager_settings = settings_for(prepared_dir, **GRAPHED)
+    graphed_settings = settings_for(prepared_dir, cuda_graph=True, **GRAPHED)
+    experiments = [eager_settings.experiment(r["name"]) for r in RUNS]
+    a = train_stacked(eager_settings, experiments, [tmp_path / "eager" / e.name for e in experiments], quiet=True,
+                      live_dirs=[tmp_path / "live-eager" / e.name for e in experiments])
+    b = train_stacked(graphed_settings, experiments, [tmp_path / "graphed" / e.name for e in experiments],
+                      quiet=True, live_dirs=[tmp_path / "live-graphed" / e.name for e in experiments])
+    for e, sa, sb in zip(experiments, a, b):
+        assert_close_runs(tmp_path / "eager" / e.name, tmp_path / "graphed" / e.name, sa, sb)
+    assert [(g.eager_steps, g.replays) for g in fake_graphs.made] == [(3, 2), (3, 2)]
+    # three attack generators; noise: en1resnet8 one member, en2resnet8 two
+    assert [len(gens) for gens in fake_graphs.captures] == [3 + 3] * 2
+
+
+def test_the_learning_rate_a_graph_reads_is_set_in_place():
+    """A graph keeps reading the tensor it captured: the schedule must refill it, never replace it."""
+    settings = config.from_dict({"train": {"lr": 0.1, "momentum": 0.9}})
+    model = torch.nn.Linear(3, 2)
+    opt = train_mod.make_optimizer(model.parameters(), settings, lr_on_device=True)
+    held = opt.param_groups[0]["lr"]
+    assert isinstance(held, torch.Tensor) and opt.defaults["fused"]
+    train_mod.set_lr(opt, 0.0123)
+    assert opt.param_groups[0]["lr"] is held and float(held) == pytest.approx(0.0123)
+    assert train_mod.current_lr(opt) == 0.0123  # the schedule's value, not its fp32 rounding
+    plain = train_mod.make_optimizer(model.parameters(), settings)
+    train_mod.set_lr(plain, 0.5)
+    assert plain.param_groups[0]["lr"] == 0.5 and train_mod.current_lr(plain) == 0.5
+
+
+def test_cuda_graph_settings_are_checked_and_noted_off_cuda(tmp_path, prepared_dir, capsys):
+    with pytest.raises(config.ConfigError, match="cuda_graph .* train.compile reduce-overhead"):
+        config.from_dict({"train": {"cuda_graph": True, "compile": "reduce-overhead"}})
+    config.from_dict({"train": {"cuda_graph": True, "compile": "default"}})
+    settings = settings_for(prepared_dir, cuda_graph=True, epochs=1, milestones=[], relax={"hard_epoch": 0},
+                            device="cpu")
+    e = settings.experiment("resnet8-fp-pgd_at")
+    summary = train_mod.train(settings, e, tmp_path / "run", quiet=True, live_dir=tmp_path / "live")
+    assert len(summary["history"]) == 1
+    assert "train.cuda_graph needs a CUDA device" in capsys.readouterr().out
+
+
+def test_a_warm_up_of_zero_steps_is_refused():
+    with pytest.raises(ValueError, match="warm-up"):
+        step_graph.StepGraph(lambda x, y: x, lambda: [], warmup=0)
+
+
+# --------------------------------------------------------------------------- on a GPU: real graphs
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("schedule", ["step", "onecycle"])
+def test_a_cuda_graphed_run_follows_the_eager_run(tmp_path, prepared_dir, schedule):
+    """Real capture and replay (fp32, deterministic cuDNN, TF32 off): the graphed runs of a noisy ternary BR model
+    and of a stacked pair follow the eager ones (a stale batch, a baked learning rate or an unregistered generator
+    would move them far apart), and every full batch after warm-up was a replay."""
+    made: list[step_graph.StepGraph] = []
+
+    class Counted(step_graph.StepGraph):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False, allow_tf32=False), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "StepGraph", Counted)
+        mp.setattr(stacked_mod, "StepGraph", Counted)
+        mp.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        common = {"schedule": schedule, "device": "cuda", "amp": "off", **GRAPHED}
+        eager, graphed = settings_for(prepared_dir, **common), settings_for(prepared_dir, cuda_graph=True, **common)
+        e = eager.experiment("en1resnet8-ternary-br-pgd_at")
+        a = train_mod.train(eager, e, tmp_path / "eager", quiet=True, live_dir=tmp_path / "le")
+        b = train_mod.train(graphed, e, tmp_path / "graphed", quiet=True, live_dir=tmp_path / "lg")
+        assert [(g.eager_steps, g.replays) for g in made] == [(3, 2), (3, 2)]
+        _assert_follows(tmp_path / "eager", tmp_path / "graphed", a, b)
+        pair = [eager.experiment(r["name"]) for r in RUNS[:2]]
+        sa = train_stacked(eager, pair, [tmp_path / "se" / x.name for x in pair], quiet=True,
+                           live_dirs=[tmp_path / "lse" / x.name for x in pair])
+        sb = train_stacked(graphed, pair, [tmp_path / "sg" / x.name for x in pair], quiet=True,
+                           live_dirs=[tmp_path / "lsg" / x.name for x in pair])
+        for x, ra, rb in zip(pair, sa, sb):
+            _assert_follows(tmp_path / "se" / x.name, tmp_path / "sg" / x.name, ra, rb)
+
+
+def _assert_follows(a, b, summary_a, summary_b) -> None:
+    from test_train_stacked import weights
+    wa, wb = weights(a), weights(b)
+    keys = [k for k in wa if wa[k].is_floating_point()]
+    delta = torch.cat([(wa[k].float() - wb[k].float()).flatten() for k in keys])
+    drift = float(delta.norm() / torch.cat([wa[k].float().flatten() for k in keys]).norm())
+    assert drift < 1e-4, f"graphed weights drift {drift:.1e} (relative L2) from the eager run's"
+    for ha, hb in zip(summary_a["history"], summary_b["history"], strict=True):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-3)
+        assert ha["lr"] == hb["lr"]
+
+
+def test_bench_times_the_graphed_step_beside_ours_and_stacked(monkeypatch):
+    """`bench --cuda-graph` adds a graphed loop to each row and a graphed stacked network, replayed after warm-up;
+    the grid estimate keeps the eager stacked speedup."""
+    from paper_repro import bench, gpu_report
+    ReplayByRerun.made = []
+    monkeypatch.setattr(bench, "StepGraph", ReplayByRerun)
+    settings = config.from_dict({"train": {"pgd": {"steps": 2}}})
+    results = bench.run(settings, ("resnet8",), ("pgd_at",), 8, 3, 1, 8 * 8, torch.device("cpu"), log=lambda _: None,
+                        repeats=2, stacked=(2,), stacked_model="resnet8", graph=True)
+    row, stacked = results["pgd_at_resnet8_graphed"], results["stacked2_pgd_at_resnet8_graphed"]
+    assert set(row["stats"]) == {"baseline", "ours", "graphed"} and row["variant"] == "graphed" and row["graphed"] > 0
+    assert set(stacked["stats"]) == {"sequential", "stacked", "stacked_graphed"} and stacked["speedup"] > 0
+    assert [(g.eager_steps, g.replays) for g in ReplayByRerun.made] == [(2, 3), (2, 3)]  # 3 warm-up + 2 x 1 timed
+    assert gpu_report.best_stacked({"results": results}) == (2, results["stacked2_pgd_at_resnet8"]["speedup"])
+
+
+def test_bench_cuda_graph_needs_cuda(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "paper_repro", "bench", "--cuda-graph", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "bench --cuda-graph needs a CUDA device" in proc.stderr
+    assert "Traceback" not in proc.stderr
