@@ -43,6 +43,7 @@ from .step_graph import StepGraph, step_generators
 from .train import make_optimizer, train_step
 
 MODELS = ("resnet20", "en5resnet20")
+GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that make CUDA graphs themselves
 KINDS = ("clean", "pgd_at")
 
 
@@ -221,7 +222,9 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
         stacked: tuple[int, ...] = (), stacked_model: str = "resnet20", compile_mode: str | None = None,
         graph: bool = False) -> dict:
     """Rows of results: ``<kind>_<model>`` (ours vs baseline) and ``stacked<K>_pgd_at_<model>`` (stacked vs
-    sequential), each with ``_compiled`` (``compile_mode``) and ``_graphed`` (``graph``) rows beside it."""
+    sequential), each with ``_compiled`` (``compile_mode``) and ``_graphed`` (``graph``) rows beside it, and
+    ``_compiled_graphed`` (the compiled network inside the step's CUDA graph) with both unless the mode makes CUDA
+    graphs of its own."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n_images, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n_images)
@@ -229,6 +232,9 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
     variants = [("compiled", {"compile_mode": compile_mode}, f" (torch.compile {compile_mode})")] if compile_mode else []
     if graph:
         variants.append(("graphed", {"graph": True}, " (whole step as one CUDA graph)"))
+    if graph and compile_mode and compile_mode not in GRAPHING_COMPILE_MODES:
+        variants.append(("compiled_graphed", {"compile_mode": compile_mode, "graph": True},
+                         f" (torch.compile {compile_mode} inside one CUDA graph of the step)"))
     results = {}
 
     def report(key: str, label: str, runs: dict[str, list[float]], base: str, new: str) -> None:
@@ -237,7 +243,7 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
         for variant, _, note in variants:
             loop = f"{new}_{variant}" if new == "stacked" else variant
             extra = results[f"{key}_{variant}"] = {**compare(runs, base, loop), "variant": variant}
-            if variant == "compiled":
+            if "compiled" in variant:
                 extra["compile_mode"] = compile_mode
             log(_line(label, extra, base, loop) + note)
 
@@ -294,7 +300,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(warm-up compiles)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time our loop (and, with --stacked, the stacked network) with the whole step captured as "
-                        "one CUDA graph after two warm-up steps (CUDA only; what train.cuda_graph does)")
+                        "one CUDA graph after two warm-up steps (CUDA only; what train.cuda_graph does); with "
+                        "--compile default also the compiled network inside the graph")
     p.add_argument("--json", type=Path, help="also write the results here (e.g. reports/bench.json)")
 
 

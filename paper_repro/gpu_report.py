@@ -173,7 +173,9 @@ def _bench(part: dict[str, Any] | None) -> list[str]:
     for key, row in r["results"].items():
         base, new = list(row)[:2]  # compare() puts the reference and the compared loop first
         st = row["stats"]
-        if row.get("compile_mode"):
+        if row.get("variant") == "compiled_graphed":
+            key = f"{key} (torch.compile {row['compile_mode']} inside one CUDA graph of the step)"
+        elif row.get("compile_mode"):
             key = f"{key} (torch.compile {row['compile_mode']})"
         elif row.get("variant") == "graphed":
             key = f"{key} (whole step as one CUDA graph)"
@@ -181,11 +183,12 @@ def _bench(part: dict[str, Any] | None) -> list[str]:
                      f"{new} {st[new]['median']:,.1f} (±{st[new]['spread_pct']:.0f}%)",
                      f"{row['speedup']:.2f}x [{row['speedup_range'][0]:.2f}-{row['speedup_range'][1]:.2f}]"])
     setup = r.get("setup", {})
+    failed = [f"- failed: {f['row']}: `{f['error'].splitlines()[0][:300]}`" for f in r.get("failed_rows", [])]
     return ["## bench (images/s: median of repeats, spread = (max-min)/median)", "",
             f"Batch {setup.get('batch')}, PGD-{setup.get('pgd_steps')}, {setup.get('warmup')} warm-up + "
             f"{setup.get('repeats')} x {setup.get('timed')} timed steps per loop, loops interleaved; "
             f"{r.get('environment', {}).get('device')}.", ""] + _table(["step", "reference loop", "compared loop",
-                                                                         "speedup [range]"], rows)
+                                                                         "speedup [range]"], rows) + (failed + [""] if failed else [])
 
 
 def _train(part: dict[str, Any] | None) -> list[str]:

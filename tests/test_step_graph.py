@@ -210,3 +210,35 @@ def test_bench_cuda_graph_needs_cuda(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "bench --cuda-graph needs a CUDA device" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_times_the_compiled_network_inside_the_graph(monkeypatch):
+    """With --compile default and --cuda-graph, a fifth loop runs the compiled network inside the step's graph
+    (torch.compile is replaced by the identity here: what is checked is which loops run and how they are named)."""
+    from paper_repro import bench, gpu_report
+    monkeypatch.setattr(bench, "StepGraph", ReplayByRerun)
+    monkeypatch.setattr(bench.torch, "compile", lambda model, mode=None: model)
+    settings = config.from_dict({"train": {"pgd": {"steps": 1}}})
+    results = bench.run(settings, ("resnet8",), ("pgd_at",), 8, 3, 1, 8 * 8, torch.device("cpu"), log=lambda _: None,
+                        compile_mode="default", graph=True)
+    both = results["pgd_at_resnet8_compiled_graphed"]
+    assert set(both["stats"]) == {"baseline", "ours", "compiled", "graphed", "compiled_graphed"}
+    assert both["variant"] == "compiled_graphed" and both["compile_mode"] == "default"
+    md = "\n".join(gpu_report._bench({"result": {"results": results}}))
+    assert "pgd_at_resnet8_compiled_graphed (torch.compile default inside one CUDA graph of the step)" in md
+    # reduce-overhead makes CUDA graphs itself: no combined loop
+    assert "pgd_at_resnet8_compiled_graphed" not in bench.run(
+        settings, ("resnet8",), ("pgd_at",), 8, 3, 1, 8 * 8, torch.device("cpu"), log=lambda _: None,
+        compile_mode="reduce-overhead", graph=True)
+
+
+def test_a_failing_bench_row_spares_the_others(tmp_path, monkeypatch):
+    """On the CPU a real CUDA graph cannot be made: that row fails, is reported, and the next row is measured."""
+    from paper_repro import gpu_parts
+    monkeypatch.setattr(gpu_parts, "DRY_BENCH_PLAN", (("resnet8", "pgd_at", None, True),
+                                                      ("stacked2", "pgd_at", None, False)))
+    part = gpu_parts.Part("bench", tmp_path, True, 120.0, gpu_parts.GPU_PARAMS)
+    with pytest.raises(RuntimeError, match="1 bench row"):
+        gpu_parts.part_bench(part)
+    assert list(part.result["results"]) == ["stacked2_pgd_at_resnet8"]
+    assert part.result["failed_rows"][0]["row"] == "pgd_at resnet8, compile None, cuda graph True"
