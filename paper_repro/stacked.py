@@ -141,6 +141,7 @@ class StackedEnResNet(nn.Module):
         self.fc_bias = nn.Parameter(torch.empty(g, num_classes).uniform_(-bound, bound))
         self.archs: list[str] = []
         self.arch_configs: list[dict[str, Any]] = []
+        self._member_index: dict[torch.device, Tensor] = {}
 
     @property
     def n_models(self) -> int:
@@ -152,12 +153,18 @@ class StackedEnResNet(nn.Module):
         if x.dim() != 4 or x.shape[0] % k:
             raise ValueError(f"expected (K*B, C, H, W) with K = {k} models, got shape {tuple(x.shape)}")
         per_model = x.unflatten(0, (k, x.shape[0] // k))                             # (K, B, C, H, W)
-        index = torch.repeat_interleave(torch.arange(k, device=x.device),
-                                        torch.tensor(self.member_counts, device=x.device))
-        packed = per_model.index_select(0, index).transpose(0, 1).flatten(1, 2)   # (B, G*C, H, W)
+        packed = per_model.index_select(0, self._model_of_member(x.device)).transpose(0, 1).flatten(1, 2)  # (B, G*C, H, W)
         if self.stem.weight.is_contiguous(memory_format=torch.channels_last):
             return packed.contiguous(memory_format=torch.channels_last)
         return packed.contiguous()
+
+    def _model_of_member(self, device: torch.device) -> Tensor:
+        """The model index of each member group, made once per device: built per call it would copy from the host
+        and size a repeat from device values, two syncs a CUDA graph capture of the step cannot hold."""
+        if device not in self._member_index:
+            self._member_index[device] = torch.tensor(
+                [i for i, m in enumerate(self.member_counts) for _ in range(m)], device=device, dtype=torch.long)
+        return self._member_index[device]
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.stage3(self.stage2(self.stage1(self.stem(self.pack(x)))))

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from paper_repro import config, step_graph, train as train_mod, train_stacked as stacked_mod
 from paper_repro.train_stacked import train_stacked
@@ -242,3 +243,86 @@ def test_a_failing_bench_row_spares_the_others(tmp_path, monkeypatch):
         gpu_parts.part_bench(part)
     assert list(part.result["results"]) == ["stacked2_pgd_at_resnet8"]
     assert part.result["failed_rows"][0]["row"] == "pgd_at resnet8, compile None, cuda graph True"
+
+
+# --------------------------------------------------------------------------- capture safety, checked on the CPU
+class HostSyncSpy(TorchFunctionMode):
+    """Records the calls that a CUDA graph capture cannot hold: reading a device value on the host (item, bool, ...),
+    copying host data to the device (torch.tensor), and ops whose output size depends on device values."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "tensor",
+             "as_tensor", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        sized_by_values = (name == "repeat_interleave" and len(args) > 1 and isinstance(args[1], torch.Tensor)
+                           and "output_size" not in kwargs)
+        masked = name == "__getitem__" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                               for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        if name in self.READS or sized_by_values or masked:
+            self.found.append(name)
+        return func(*args, **kwargs)
+
+
+def _one_step_then_spy(step, x, y) -> list[str]:
+    step(x, y)  # the warm-up a capture follows: buffers, momentum and generators exist afterwards
+    with HostSyncSpy() as spy:
+        step(x, y)
+    return spy.found
+
+
+@pytest.mark.parametrize("model, quantizer, method, loss, amp", [
+    ("en1resnet8", "ternary", "BR", "pgd_at", False), ("en1resnet8", "ternary", "BR", "pgd_at", True),
+    ("en2resnet8", "4bit", "BR", "tradeoff", False), ("resnet8", "binary", "BC", "natural", False)])
+def test_a_training_step_never_waits_for_the_device(model, quantizer, method, loss, amp):
+    """What train.cuda_graph captures (attack, BR swap, loss, backward, fused SGD with the lr on the device) calls
+    nothing that syncs with the host; on a GPU any such call fails the capture."""
+    from paper_repro.losses import objective_for
+    from paper_repro.models import build
+    settings = config.from_dict({"train": {"pgd": {"steps": 2}, "relax": {"hard_epoch": 1}}})
+    e = config.Experiment(name="m", model=model, quantizer=quantizer, method=method, loss=loss)
+    net = build(model, seed=0).to(memory_format=torch.channels_last)
+    relax = train_mod.make_relax(net, e, settings)
+    opt = train_mod.make_optimizer(net.parameters(), settings, lr_on_device=True)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.arange(4)
+
+    def step(x, y):
+        return train_mod.train_step(net, relax, objective_for(e, settings.train.pgd), opt, x, y, gen, amp)
+
+    assert _one_step_then_spy(step, x, y) == []
+
+
+def test_a_stacked_training_step_never_waits_for_the_device():
+    from paper_repro.losses import objective_for
+    from paper_repro.models import build
+    from paper_repro.stacked import stack_models
+    from paper_repro.stacked_step import StackedRelax, stacked_train_step
+    settings = config.from_dict({"train": {"pgd": {"steps": 2}}})
+    names = [("resnet8", "none"), ("en1resnet8", "ternary"), ("en2resnet8", "binary")]
+    experiments = [config.Experiment(name=f"m{i}", model=m, quantizer=q, loss="pgd_at") for i, (m, q) in
+                   enumerate(names)]
+    models = [build(m, seed=i) for i, (m, _) in enumerate(names)]
+    net = stack_models(models).to(memory_format=torch.channels_last)
+    relax = StackedRelax(net, [train_mod.make_relax(build(m, seed=i), e, settings)
+                               for i, ((m, _), e) in enumerate(zip(names, experiments))])
+    opt = train_mod.make_optimizer(net.parameters(), settings, lr_on_device=True)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    objectives = [objective_for(e, settings.train.pgd) for e in experiments]
+    x, y = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.arange(4)
+    assert _one_step_then_spy(lambda x, y: stacked_train_step(net, relax, objectives, opt, x, y, gens, False),
+                              x, y) == []
+
+
+def test_the_spy_sees_host_syncs():
+    with HostSyncSpy() as spy:
+        v = torch.arange(3.0)
+        v.sum().item()
+        torch.repeat_interleave(torch.arange(2), torch.tensor([1, 2]))
+        _ = v[v > 0]
+    assert spy.found == ["item", "tensor", "repeat_interleave", "__getitem__"]
