@@ -159,15 +159,19 @@ def junit_counts(path: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- bench
-#: (model or "stacked<K>", step kind, torch.compile mode, whole-step CUDA graph), most wanted first: a part cut short
-#: by its timeout keeps the rows it finished. The issue's target (a ResNet20 PGD-10 step, 10x) comes first, then
-#: the stacked network (3x at K = 8), then the same step with torch.compile's fused kernels inside the graph (it
-#: compiles during warm-up, which takes long). A row measured again by a later entry keeps its first measurement.
-#: torch.compile reduce-overhead was measured on the first H200 run (4.23x; `bench --compile reduce-overhead`).
-BENCH_PLAN = (("resnet20", "pgd_at", None, True), ("stacked8", "pgd_at", None, True),
-              ("resnet20", "pgd_at", "default", True), ("en5resnet20", "pgd_at", None, True),
-              ("resnet20", "clean", None, True), ("stacked4", "pgd_at", None, False))
-DRY_BENCH_PLAN = (("resnet8", "pgd_at", None, False), ("stacked2", "pgd_at", None, False))  # no CUDA graphs on a CPU
+#: (model, step kind, torch.compile mode, whole-step CUDA graph, K: None for ours vs the baseline, else K models
+#: stacked vs one after another), most wanted first: a part cut short by its timeout keeps the rows it finished.
+#: The issue's target (a ResNet20 PGD-10 step, 10x) comes first, then the stacked network (3x at K = 8), then the
+#: step with torch.compile's fused kernels inside the graph (it compiles during warm-up, which takes long), then
+#: an En5ResNet20's five members in one pass (K = 1: the stacked network of one ensemble) against its member loop.
+#: A row measured again by a later entry keeps its first measurement. torch.compile reduce-overhead was measured
+#: on the first H200 run (4.23x; `bench --compile reduce-overhead`).
+BENCH_PLAN = (("resnet20", "pgd_at", None, True, None), ("resnet20", "pgd_at", None, True, 8),
+              ("resnet20", "pgd_at", "default", True, None), ("en5resnet20", "pgd_at", None, True, 1),
+              ("en5resnet20", "pgd_at", None, True, None), ("resnet20", "clean", None, True, None),
+              ("resnet20", "pgd_at", None, False, 4))
+DRY_BENCH_PLAN = (("resnet8", "pgd_at", None, False, None), ("resnet8", "pgd_at", None, False, 2),
+                  ("en2resnet8", "pgd_at", None, False, 1))  # no CUDA graphs on a CPU
 
 
 def part_bench(part: Part) -> None:
@@ -178,22 +182,22 @@ def part_bench(part: Part) -> None:
     settings = part.settings("train.pgd.steps=2") if part.dry else part.settings()
     device = pick_device("cpu" if part.dry else "auto")
     if part.dry:
-        plan, size, stacked_model = DRY_BENCH_PLAN, dict(batch=16, warmup=2, timed=1, repeats=2), "resnet8"
+        plan, size = DRY_BENCH_PLAN, dict(batch=16, warmup=2, timed=1, repeats=2)
     else:  # 5 warm-up steps cover compiling and graph capture
-        plan, size, stacked_model = BENCH_PLAN, dict(batch=128, warmup=5, timed=10, repeats=5), "resnet20"
+        plan, size = BENCH_PLAN, dict(batch=128, warmup=5, timed=10, repeats=5)
     n_images = size["batch"] * (size["warmup"] + size["timed"] * size["repeats"] + 1)
     part.save(environment=bench.environment(device), setup={**size, "pgd_steps": settings.train.pgd.steps},
               results={})
     results: dict[str, Any] = {}
     failed: list[dict[str, str]] = []
-    for name, kind, compile_mode, graph in plan:
-        k = int(name.removeprefix("stacked")) if name.startswith("stacked") else None
+    for name, kind, compile_mode, graph, k in plan:
         try:
             rows = bench.run(settings, () if k else (name,), () if k else (kind,), size["batch"], size["warmup"],
                              size["timed"], n_images, device, repeats=size["repeats"], stacked=(k,) if k else (),
-                             stacked_model=stacked_model, compile_mode=compile_mode, graph=graph)
+                             stacked_model=name, compile_mode=compile_mode, graph=graph)
         except Exception as e:  # one failing loop set (e.g. a new compile + graph combination) spares the others
-            failed.append({"row": f"{kind} {name}, compile {compile_mode}, cuda graph {graph}",
+            failed.append({"row": f"{kind} {name}{f' x{k} stacked' if k else ''}, compile {compile_mode}, "
+                                  f"cuda graph {graph}",
                            "error": f"{type(e).__name__}: {e}"[:2000]})
             part.save(failed_rows=failed)
             continue

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import config
 from .config import ConfigError, Experiment
-from .stacking import stacks
+from .stacking import members_in_one_pass, stacks
 
 STAGES = ("train", "evaluate")
 LOG_DIR = Path("logs") / "grid"
@@ -42,6 +42,7 @@ class Job:
     experiment: str
     cost: float
     stacked_with: tuple[str, ...] = ()  # train only: the runs trained in one stacked network with ``experiment``
+    one_pass: bool = False  # train only: an ensemble alone, its members trained as one grouped network
 
     @property
     def experiments(self) -> tuple[str, ...]:
@@ -114,7 +115,9 @@ def plan(settings: config.Settings, only: Sequence[str] | None, force: bool, sta
                or (stage == "evaluate" and f"train@{e.name}" in changed)]
         groups = stacks(settings, due, stack) if stage == "train" else [[e] for e in due]
         jobs = [Job(stage, group[0].name, sum(relative_cost(e) for e in group) * (1.0 if stage == "train" else 0.3),
-                    tuple(e.name for e in group[1:])) for group in groups]
+                    tuple(e.name for e in group[1:]),
+                    stage == "train" and stack > 1 and len(group) == 1 and members_in_one_pass(settings, group[0]))
+                for group in groups]
         phases.append(sorted(jobs, key=lambda j: -j.cost))
     return phases
 
@@ -122,7 +125,7 @@ def plan(settings: config.Settings, only: Sequence[str] | None, force: bool, sta
 def command(job: Job, params: Path) -> list[str]:
     # the stage's own command (dvc.yaml): continue a run of the same settings, start over when they changed
     extra = ["--resume", "--restart"] if job.stage == "train" else []
-    if job.stacked_with:  # writes each run's folder as `train` does (paper_repro/train_stacked.py)
+    if job.stacked_with or job.one_pass:  # writes each run's folder as `train` does (paper_repro/train_stacked.py)
         named = [arg for e in job.experiments for arg in ("--experiment", e)]
         return [sys.executable, "-m", "paper_repro", "train-stacked", "--params", str(params), *named, "--quiet", *extra]
     return [sys.executable, "-m", "paper_repro", job.stage, "--params", str(params), "--experiment",
@@ -179,7 +182,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", type=int, default=1, metavar="K",
                    help="train up to K runs that share a data pass (dataset, ResNet depth, loss kind) as one "
                         "stacked network per job (train-stacked; each run's folder as `train` writes it; on Slurm one "
-                        "array job per stack). Pays on a GPU: 8 stacked ResNet20s ran 4.15x the images/s of 8 one "
+                        "array job per stack; an En_k ensemble stacked with no other run still trains its k members as "
+                        "one grouped network). Pays on a GPU: 8 stacked ResNet20s ran 4.15x the images/s of 8 one "
                         "after another on an H200")
     slurm_arguments(p)
 

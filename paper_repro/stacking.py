@@ -22,6 +22,13 @@ def stack_key(settings: Settings, experiment: Experiment) -> tuple[str, int, str
     return experiment.dataset or settings.data.dataset, int(match["depth"]), experiment.loss
 
 
+def members_in_one_pass(settings: Settings, experiment: Experiment) -> bool:
+    """An En_k ResNet (k > 1) that can stack: as a stack of one, its k members are one grouped network, computed in
+    one pass instead of k (what ``grid --stack`` does for an ensemble that shares a stack with no other run)."""
+    match = RESNET_NAME.match(experiment.model)
+    return stack_key(settings, experiment) is not None and match is not None and int(match["k"] or 1) > 1
+
+
 def stacks(settings: Settings, experiments: Sequence[Experiment], k: int) -> list[list[Experiment]]:
     """``experiments`` in groups of at most ``k`` that stack (in order; a run that cannot stack is alone)."""
     if k < 1:

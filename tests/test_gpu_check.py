@@ -13,7 +13,7 @@ import torch
 
 from paper_repro import gpu_check, gpu_report
 from paper_repro.gpu_parts import PARTS, cuda_test_files, junit_counts
-from paper_repro.gpu_report import grid_estimate, markdown
+from paper_repro.gpu_report import best_stacked, grid_estimate, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert tests["collected"] >= 11 and not tests["failed"]
     if not torch.cuda.is_available():
         assert len(tests["skipped"]) == tests["collected"]
-    for key, base, new in (("pgd_at_resnet8", "baseline", "ours"), ("stacked2_pgd_at_resnet8", "sequential", "stacked")):
+    for key, base, new in (("pgd_at_resnet8", "baseline", "ours"), ("stacked2_pgd_at_resnet8", "sequential", "stacked"),
+                           ("stacked1_pgd_at_en2resnet8", "sequential", "stacked")):  # an En2's members in one pass
         row = r["bench"]["results"][key]
         assert row["speedup"] > 0 and row[base] == row["stats"][base]["median"]
         assert len(row["stats"][new]["runs"]) == 2 and row["stats"][new]["spread_pct"] >= 0
@@ -162,6 +163,7 @@ def test_estimate_divides_by_the_largest_measured_stacked_speedup_and_renders_co
         "pgd_at_resnet20_graphed": {"baseline": 1.0, "graphed": 9.0, "speedup": 9.0, "speedup_range": [8, 10],
                                     "stats": {"baseline": stats, "ours": stats, "graphed": stats}, "variant": "graphed"},
         "stacked2_pgd_at_resnet20": {"speedup": 1.6}, "stacked8_pgd_at_resnet20": {"speedup": 4.0},
+        "stacked1_pgd_at_en5resnet20": {"speedup": 3.0},  # one ensemble in one pass: not a stack of runs
         "stacked8_pgd_at_resnet20_graphed": {"speedup": 9.5, "variant": "graphed"},
         "stacked4_pgd_at_resnet20": {"speedup": 2.7}}}
     parts = {"train": {"result": {"train_images": 45000, "experiments": {"resnet20-fp-pgd_at": {"epoch_wall_s": 100.0}},
@@ -169,6 +171,7 @@ def test_estimate_divides_by_the_largest_measured_stacked_speedup_and_renders_co
              "bench": {"result": bench}}
     est = grid_estimate(parts, dry=False)
     assert est["stacked"] == {"k": 8, "speedup": 4.0}  # eager stacking: what train-stacked does by default
+    assert best_stacked({"results": {"stacked1_pgd_at_en5resnet20": {"speedup": 3.0}}}) is None
     assert est["graphed"] == {"experiment": "resnet20-fp-pgd_at", "speedup": 2.5}
     for row in est["profiles"].values():
         assert row["train_gpu_hours_stacked"] == pytest.approx(row["train_gpu_hours"] / 4.0, abs=0.01)

@@ -80,3 +80,18 @@ def test_grid_stack_trains_runs_together_and_dvc_records_each(tmp_path):
         assert summary["stacked_with"] == [n for n in pair if n != name]
         assert (profile / "metrics" / f"{name}.json").is_file()
     assert not {s for s in stage_status(profile, env) if s.split("@")[0] in ("train", "evaluate")}
+
+
+def test_an_ensemble_alone_in_its_stack_trains_its_members_in_one_pass():
+    """With --stack, an En_k run (k > 1) that stacks with no other run is still one grouped network (train-stacked
+    of one run); a plain model alone, or --stack 1, keeps `train`."""
+    settings = config.load(ROOT / "params.yaml")
+    names = ["en5resnet20-fp-pgd_at", "resnet20-fp-pgd_at"]
+    [train, _] = grid.plan(settings, names[:1], force=True, stack=8)
+    assert [(j.experiments, j.one_pass) for j in train] == [(("en5resnet20-fp-pgd_at",), True)]
+    argv = grid.command(train[0], Path("params.yaml"))
+    assert argv[3] == "train-stacked" and argv.count("--experiment") == 1
+    [plain, _] = grid.plan(settings, names[1:], force=True, stack=8)
+    assert not plain[0].one_pass and grid.command(plain[0], Path("params.yaml"))[3] == "train"
+    [unstacked, _] = grid.plan(settings, names[:1], force=True, stack=1)
+    assert not unstacked[0].one_pass and grid.command(unstacked[0], Path("params.yaml"))[3] == "train"

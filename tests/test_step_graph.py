@@ -236,8 +236,8 @@ def test_bench_times_the_compiled_network_inside_the_graph(monkeypatch):
 def test_a_failing_bench_row_spares_the_others(tmp_path, monkeypatch):
     """On the CPU a real CUDA graph cannot be made: that row fails, is reported, and the next row is measured."""
     from paper_repro import gpu_parts
-    monkeypatch.setattr(gpu_parts, "DRY_BENCH_PLAN", (("resnet8", "pgd_at", None, True),
-                                                      ("stacked2", "pgd_at", None, False)))
+    monkeypatch.setattr(gpu_parts, "DRY_BENCH_PLAN", (("resnet8", "pgd_at", None, True, None),
+                                                      ("resnet8", "pgd_at", None, False, 2)))
     part = gpu_parts.Part("bench", tmp_path, True, 120.0, gpu_parts.GPU_PARAMS)
     with pytest.raises(RuntimeError, match="1 bench row"):
         gpu_parts.part_bench(part)

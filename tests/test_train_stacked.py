@@ -86,6 +86,17 @@ def test_stacked_runs_equal_separate_runs_and_resume_as_plain_runs(tmp_path, pre
         assert_close_runs(tmp_path / "alone" / e.name, d, alone[e.name], summary)
 
 
+def test_an_ensemble_alone_trains_its_members_in_one_pass_as_train_does(tmp_path, prepared_dir, float64):
+    """A stack of one En2 run (what `grid --stack` does with an ensemble that stacks with no other run): its two
+    members are two groups of one network, and the run is the one `train` makes."""
+    settings = settings_for(prepared_dir)
+    e = settings.experiment("en2resnet8-binary-bc-pgd_at")
+    alone = train_mod.train(settings, e, tmp_path / "alone", quiet=True, live_dir=tmp_path / "live-alone")
+    [one_pass] = train_stacked(settings, [e], [tmp_path / "one-pass"], quiet=True, live_dirs=[tmp_path / "live-one"])
+    assert_close_runs(tmp_path / "alone", tmp_path / "one-pass", alone, one_pass)
+    assert one_pass["stacked_with"] == []
+
+
 def test_runs_that_cannot_stack_or_continue_together_are_refused(tmp_path, prepared_dir):
     settings = settings_for(prepared_dir, epochs=1)
     pair = [settings.experiment("resnet8-fp-pgd_at"), settings.experiment("resnet14-fp-pgd_at")]
