@@ -20,6 +20,7 @@ What capture needs, and where it is met:
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,7 +91,10 @@ class StepGraph:
         for g in self.generators():
             if id(g) not in seen and id(g) not in default:
                 seen.add(id(g))
-                graph.register_generator_state(g)
+                with warnings.catch_warnings():  # newer torch registers lazily: the call is a deprecated no-op there
+                    warnings.simplefilter("ignore", category=FutureWarning)
+                    warnings.simplefilter("ignore", category=DeprecationWarning)
+                    graph.register_generator_state(g)
         with torch.cuda.graph(graph):
             outputs = run()
         return graph.replay, outputs
