@@ -4,8 +4,8 @@ The baseline is the loop the reference code uses: a torchvision DataLoader over 
 per-image RandomCrop/RandomHorizontalFlip/ToTensor, NCHW fp32, and a PGD attack run with the network
 in train mode (as the reference's AttackPGD wrapper is called inside ``net.train()``). Ours: uint8 data
 resident on the device with batched on-device augmentation, the attack in eval mode with gradients
-for the input only, channels_last and bf16 autocast on CUDA. Both loops run the same model, batch size,
-optimizer and PGD-10 settings; only ratios measured in the same run are reported (shared machines are
+for the input only, channels_last, bf16 autocast and train's fused SGD (learning rate on the device) on CUDA.
+Both loops run the same model, batch size, SGD hyperparameters and PGD-10 settings; only ratios measured in the same run are reported (shared machines are
 noisy). Each loop is timed ``--repeats`` times, the loops interleaved (baseline, ours, baseline, ...), so a
 burst of load hits both; reported: median images/s, min/max and the spread (max-min)/median, and the
 speedup as the ratio of medians with the range of the per-repeat ratios.
@@ -91,17 +91,18 @@ def baseline_steps(model, optimizer, images, labels, batch, kind, attack, device
             yield y.numel()
 
 
-def sgd(model: torch.nn.Module, graph: bool) -> torch.optim.SGD:
-    """The timed loops' SGD (lr 0.01, momentum 0.9, weight decay 5e-4); a graphed step reads its lr on the device."""
+def sgd(model: torch.nn.Module, ours: bool) -> torch.optim.SGD:
+    """The timed loops' SGD (lr 0.01, momentum 0.9, weight decay 5e-4): torch's default for the baseline, train's
+    (fused, lr on the device, on CUDA) for ours."""
     settings = config.from_dict({"train": {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False}})
-    return make_optimizer(model.parameters(), settings, lr_on_device=graph)
+    return make_optimizer(model.parameters(), settings, lr_on_device=None if ours else False)
 
 
 def our_steps(model, optimizer, images, labels, batch, kind, attack, device, settings,
               compile_mode: str | None = None, graph: bool = False) -> Iterator[int]:
     """Our loop; with ``compile_mode`` the network runs through ``torch.compile`` (fused kernels, and CUDA
     graphs with "reduce-overhead"): the first steps compile, so warm-up must cover them. With ``graph`` the whole
-    step is one CUDA graph after two warm-up steps (``optimizer`` from ``sgd(model, graph=True)``)."""
+    step is one CUDA graph after two warm-up steps (``optimizer`` from ``sgd(model, ours=True)``)."""
     channels_last = channels_last_for(device, settings)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -142,7 +143,7 @@ def stacked_steps(name, k, images, labels, batch, attack, device, settings, stac
     if stacked:
         net = build_stacked([name] * k, list(range(k))).to(device, memory_format=fmt)
         relax = StackedRelax(net, [BinaryRelax(build(name, seed=i), None) for i in range(k)])
-        opt = sgd(net, graph)
+        opt = sgd(net, ours=True)
         if compile_mode:
             compile_forward(net, compile_mode)
 
@@ -154,7 +155,7 @@ def stacked_steps(name, k, images, labels, batch, attack, device, settings, stac
     else:
         nets = [build(name, seed=i).to(device, memory_format=fmt) for i in range(k)]
         relaxes = [BinaryRelax(m, None) for m in nets]
-        opts = [sgd(m, False) for m in nets]
+        opts = [sgd(m, ours=True) for m in nets]
     epoch = 0
     while True:
         for x, y in loader.epoch(seed=epoch):
@@ -268,13 +269,13 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
 
 def _baseline_loop(name, images, labels, batch, kind, attack, device) -> Iterator[int]:
     model = build(name, seed=0).to(device)
-    return baseline_steps(model, sgd(model, False), images, labels, batch, kind, attack, device)
+    return baseline_steps(model, sgd(model, ours=False), images, labels, batch, kind, attack, device)
 
 
 def _our_loop(name, images, labels, batch, kind, attack, device, settings, compile_mode: str | None = None,
               graph: bool = False) -> Iterator[int]:
     model = build(name, seed=0).to(device)
-    return our_steps(model, sgd(model, graph), images, labels, batch, kind, attack, device, settings, compile_mode,
+    return our_steps(model, sgd(model, ours=True), images, labels, batch, kind, attack, device, settings, compile_mode,
                      graph)
 
 

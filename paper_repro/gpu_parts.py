@@ -373,7 +373,8 @@ def run_figures(run_dir: Path, cuda: bool) -> dict[str, Any]:
                "val_natural_acc": last.get("val_natural_acc"), "val_pgd_acc": last.get("val_pgd_acc"),
                "train_images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
                "last_epoch_images_per_s": round(last["images_per_s"], 1) if last else None,
-               "epoch_wall_s": round(record["wall_s"] / record["epochs_done"], 2) if record.get("epochs_done") else None}
+               "epoch_wall_s": round(record["wall_s"] / record["epochs_done"], 2) if record.get("epochs_done") else None,
+               **{key: last[key] for key in ("graph_replays", "graph_failure") if key in last}}  # train.cuda_graph
     if cuda:
         figures.update(peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), memory="CUDA allocated")
     else:

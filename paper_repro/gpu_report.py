@@ -81,7 +81,8 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
         unit[noisy(exp.model)] = fig["epoch_wall_s"] * scale / cost
     fallback = statistics.mean(unit.values())
     stacked = best_stacked(parts.get("bench", {}).get("result", {}))
-    graphed = (train.get("graphed") or {}).get("speedup_last_epoch")
+    again = train.get("graphed") or {}
+    graphed = again.get("speedup_last_epoch") if again.get("graph_replays") else None  # only if graphs ran
     columns = parts.get("columns", {}).get("result", {})
     per_image = columns.get("total_s") / columns["images"] if columns.get("total_s") and columns.get("images") else None
     out: dict[str, Any] = {"dry": dry, "note": "dry run on the CPU: not a GPU figure" if dry else
@@ -233,6 +234,10 @@ def _again(r: dict[str, Any], key: str) -> list[str]:
     if c.get("skipped"):
         return [f"{head} skipped, {c['skipped']}.", ""]
     eager = (r.get("experiments") or {}).get(c["experiment"], {})
+    if c.get("graph_failure"):
+        head += f" the graph capture FAILED ({c['graph_failure']}), the steps ran eagerly;"
+    elif "graph_replays" in c:
+        head += f" {c['graph_replays']} steps of its last epoch replayed as one CUDA graph;"
     return [f"{head} last epoch {_fmt(c.get('last_epoch_images_per_s'))} img/s against eager "
             f"{_fmt(eager.get('last_epoch_images_per_s'))} img/s (x{_fmt(c.get('speedup_last_epoch'), 2)}); "
             f"{c.get('epochs_done')} epoch(s), mean {_fmt(c.get('train_images_per_s'))} img/s with the first (compiling or "

@@ -143,6 +143,13 @@ def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
     return tensors
 
 
+def momentum_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A momentum buffer holding ``value`` laid out as ``param`` (channels_last convs stay channels_last): the fused
+    SGD of CUDA requires a parameter, its gradient and its momentum to share strides, and a saved or stacked buffer
+    comes back contiguous."""
+    return torch.empty_like(param, memory_format=torch.preserve_format).copy_(value)
+
+
 def _require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     bad = non_finite(tensors)
     if bad:  # never reached after the check in train(); a last guard that nothing non-finite is written
@@ -172,7 +179,7 @@ def load_state(paths: RunPaths, model: torch.nn.Module, optimizer: torch.optim.O
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         key = f"optimizer.{i}.momentum_buffer"
         if key in tensors:
-            optimizer.state[p]["momentum_buffer"] = tensors[key].clone()
+            optimizer.state[p]["momentum_buffer"] = momentum_like(p, tensors[key])
     relax.load_state_dict(record["relax"])
     return record
 

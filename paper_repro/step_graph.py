@@ -20,6 +20,7 @@ What capture needs, and where it is met:
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,27 +40,40 @@ class StepGraph:
 
     The value returned after capture is the captured step's own return value (same tensor objects), refilled
     by each replay: read it before the next call, as a training loop does. ``generators()`` is asked at
-    capture time for every non-default generator the step draws from.
+    capture time for every non-default generator the step draws from. With ``fall_back`` a capture that fails
+    is reported on stderr (``failure``) and every later call runs eagerly: training goes on at eager speed
+    (nothing ran during the failed capture, and the step's Python state is restored by its own ``finally``).
     """
 
     def __init__(self, step: Step, generators: Callable[[], Sequence[torch.Generator]],
-                 warmup: int = WARMUP_STEPS) -> None:
+                 warmup: int = WARMUP_STEPS, fall_back: bool = False) -> None:
         if warmup < 1:
             raise ValueError(f"a step graph needs at least one eager warm-up step, got {warmup}")
-        self.step, self.generators, self.warmup = step, generators, warmup
-        self.eager_steps = 0   # warm-up steps and steps of another shape
+        self.step, self.generators, self.warmup, self.fall_back = step, generators, warmup, fall_back
+        self.eager_steps = 0   # warm-up steps, steps of another shape, steps after a failed capture
         self.replays = 0
+        self.failure: str | None = None
         self._inputs: tuple[Tensor, Tensor] | None = None
         self._outputs: Any = None
         self._replay: Callable[[], None] | None = None
+        self._side: Any = None  # the warm-up stream, one per graph: the allocator caches blocks per stream
 
     def __call__(self, x: Tensor, y: Tensor) -> Any:
-        if self._replay is None and self.eager_steps < self.warmup:
+        if self.failure is not None or (self._replay is None and self.eager_steps < self.warmup):
             self.eager_steps += 1
-            return self._warm_up(x, y)
+            return self._warm_up(x, y) if self.failure is None else self.step(x, y)
         if self._replay is None:
             self._inputs = (x.clone(memory_format=torch.preserve_format), y.clone())
-            self._replay, self._outputs = self._capture(lambda: self.step(*self._inputs))
+            try:
+                self._replay, self._outputs = self._capture(lambda: self.step(*self._inputs))
+            except Exception as e:
+                if not self.fall_back:
+                    raise
+                self.failure = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"warning: the CUDA graph capture of the training step failed ({self.failure}); the steps "
+                      f"run eagerly", file=sys.stderr, flush=True)
+                self.eager_steps += 1
+                return self.step(x, y)
         elif not self._fits(x, y):
             self.eager_steps += 1
             return self.step(x, y)
@@ -76,11 +90,12 @@ class StepGraph:
 
     def _warm_up(self, x: Tensor, y: Tensor) -> Any:
         """One eager step on a side stream, as capture wants its warm-up."""
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=x.device)
+        self._side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self._side):
             out = self.step(x, y)
-        torch.cuda.current_stream(x.device).wait_stream(side)
+        torch.cuda.current_stream(x.device).wait_stream(self._side)
         return out
 
     def _capture(self, run: Callable[[], Any]) -> tuple[Callable[[], None], Any]:

@@ -108,14 +108,18 @@ def make_model(experiment: Experiment, seed: int, device: torch.device, channels
     return model
 
 
-def make_optimizer(parameters: Any, settings: Settings, lr_on_device: bool = False) -> torch.optim.SGD:
-    """The recipe's SGD. ``lr_on_device`` (a graphed step): the learning rate is a tensor on the parameters'
-    device that the fused SGD reads there, so a replayed CUDA graph follows the schedule (``set_lr``)."""
+def make_optimizer(parameters: Any, settings: Settings, lr_on_device: bool | None = None) -> torch.optim.SGD:
+    """The recipe's SGD. ``lr_on_device`` (default: on CUDA): fused SGD that reads its learning rate from an fp32
+    tensor on the parameters' device, so a replayed CUDA graph of the step follows the schedule (``set_lr``), and
+    an eager step is the same arithmetic as a graphed one (train.cuda_graph only changes how steps launch).
+    On the CPU the default stays torch's foreach SGD with a float learning rate."""
     t = settings.train
     params = list(parameters)
+    if lr_on_device is None:
+        lr_on_device = params[0].device.type == "cuda"
     lr: float | torch.Tensor = t.lr
     if lr_on_device:
-        lr = torch.tensor(t.lr, device=params[0].device)
+        lr = torch.tensor(t.lr, device=params[0].device, dtype=torch.float32)  # the fused kernel reads an fp32 lr
     return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov,
                            fused=True if lr_on_device else None)
 
@@ -174,8 +178,7 @@ def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return train_step(model, relax, objective, optimizer, x, y, attack_gen, amp)
 
-    if graph:
-        step = StepGraph(step, lambda: step_generators(model, attack_gen))
+    graphed = StepGraph(step, lambda: step_generators(model, attack_gen), fall_back=True) if graph else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -185,7 +188,7 @@ def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective
     for batch_no, (x, y) in enumerate(bar, 1):
         if settings is not None:
             set_lr(optimizer, lr_at(epoch + (batch_no - 1) / len(loader), settings))
-        loss, logits = step(x, y)
+        loss, logits = (graphed or step)(x, y)
         loss_sum += loss.detach().float() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
         seen += y.numel()
@@ -196,7 +199,14 @@ def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective
             bar.set_postfix(loss=f"{mean:.3f}", acc=f"{100 * correct.item() / seen:.1f}")
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum.item() / seen, "train_acc": 100 * correct.item() / seen,
-            "images_per_s": seen / elapsed, "epoch_s": elapsed}
+            "images_per_s": seen / elapsed, "epoch_s": elapsed, **graph_counts(graphed)}
+
+
+def graph_counts(graphed: StepGraph | None) -> dict[str, Any]:
+    """What an epoch's history says about its CUDA graph (train.cuda_graph): steps replayed, and a failed capture."""
+    if graphed is None:
+        return {}
+    return {"graph_replays": graphed.replays, **({"graph_failure": graphed.failure} if graphed.failure else {})}
 
 
 @torch.no_grad()
@@ -273,7 +283,7 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
 
     model = make_model(experiment, t.seed, device, channels_last, data.num_classes)
     relax = make_relax(model, experiment, settings)
-    optimizer = make_optimizer(model.parameters(), settings, lr_on_device=use_cuda_graph(settings, device))
+    optimizer = make_optimizer(model.parameters(), settings)
     objective = objective_for(experiment, t.pgd)
     amp = use_amp(settings, device)
     if t.compile != "none":  # the module keeps its state-dict keys; attack, training and validation run compiled

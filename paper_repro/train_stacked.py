@@ -31,16 +31,16 @@ from .config import Experiment, Settings
 from .loader import DeviceLoader, pick_device
 from .losses import Objective, objective_for
 from .models.enresnet import derive_seed
-from .run_state import ResumeError, TrainingDiverged, execution, last_good, open_record
+from .run_state import ResumeError, TrainingDiverged, execution, last_good, momentum_like, open_record
 from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, channels_last_for, compile_forward,
                       cuda_graph_note, positive_seconds, use_amp, use_cuda_graph)
 from .stacked import StackedEnResNet, stack_models, stack_state_dicts, unstack_state_dict
 from .stacked_step import StackedRelax, check_objectives, stacked_train_step
 from .stacking import check_stackable
 from .step_graph import StepGraph, step_generators
-from .train import (CHECK_FINITE_EVERY, BudgetReached, close_epoch, current_lr, finish_run, lr_at, make_model,
-                    make_optimizer, make_relax, open_live, run_and_report, run_sidecar, set_lr, training_data,
-                    warn_no_phase2)
+from .train import (CHECK_FINITE_EVERY, BudgetReached, close_epoch, current_lr, finish_run, graph_counts, lr_at,
+                    make_model, make_optimizer, make_relax, open_live, run_and_report, run_sidecar, set_lr,
+                    training_data, warn_no_phase2)
 
 
 # --------------------------------------------------------------------------- weights and momentum, both ways
@@ -57,7 +57,7 @@ def stack_into(net: StackedEnResNet, optimizer: torch.optim.Optimizer, models: S
         return
     stacked = stack_state_dicts(buffers)
     for name, p in net.named_parameters():
-        optimizer.state[p]["momentum_buffer"] = stacked[name].to(p.device).clone(memory_format=torch.preserve_format)
+        optimizer.state[p]["momentum_buffer"] = momentum_like(p, stacked[name])
 
 
 def unstack_into(net: StackedEnResNet, optimizer: torch.optim.Optimizer, models: Sequence[torch.nn.Module],
@@ -72,7 +72,7 @@ def unstack_into(net: StackedEnResNet, optimizer: torch.optim.Optimizer, models:
         for model, opt, momentum in zip(models, optimizers, momenta):
             for name, p in model.named_parameters():
                 if name in momentum:
-                    opt.state[p]["momentum_buffer"] = momentum[name].clone(memory_format=torch.preserve_format)
+                    opt.state[p]["momentum_buffer"] = momentum_like(p, momentum[name])
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -90,8 +90,7 @@ def stacked_epoch(net: StackedEnResNet, relax: StackedRelax, objectives: Sequenc
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return stacked_train_step(net, relax, objectives, optimizer, x, y, generators, amp)
 
-    if graph:
-        step = StepGraph(step, lambda: step_generators(net, *generators))
+    graphed = StepGraph(step, lambda: step_generators(net, *generators), fall_back=True) if graph else None
     loss_sum = torch.zeros(k, device=device)
     correct = torch.zeros(k, device=device, dtype=torch.long)
     seen = 0
@@ -100,7 +99,7 @@ def stacked_epoch(net: StackedEnResNet, relax: StackedRelax, objectives: Sequenc
     start = time.perf_counter()
     for batch_no, (x, y) in enumerate(bar, 1):
         set_lr(optimizer, lr_at(epoch + (batch_no - 1) / len(loader), settings))
-        parts, logits = step(x, y)
+        parts, logits = (graphed or step)(x, y)
         loss_sum += torch.stack([p.float() for p in parts]) * y.numel()
         correct += (logits.detach().argmax(1).unflatten(0, (k, y.numel())) == y).sum(1)
         seen += y.numel()
@@ -112,8 +111,8 @@ def stacked_epoch(net: StackedEnResNet, relax: StackedRelax, objectives: Sequenc
             bar.set_postfix(loss=" ".join(f"{m:.2f}" for m in means))
     elapsed = time.perf_counter() - start
     return [{"train_loss": float(loss_sum[i]) / seen, "train_acc": 100 * int(correct[i]) / seen,
-             "images_per_s": seen / elapsed, "epoch_s": elapsed, "stacked_images_per_s": k * seen / elapsed}
-            for i in range(k)]
+             "images_per_s": seen / elapsed, "epoch_s": elapsed, "stacked_images_per_s": k * seen / elapsed,
+             **graph_counts(graphed)} for i in range(k)]
 
 
 # --------------------------------------------------------------------------- the runs
@@ -154,7 +153,7 @@ def train_stacked(settings: Settings, experiments: Sequence[Experiment], run_dir
         net = stack_models(models)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(net.parameters(), settings, lr_on_device=graph)
+        optimizer = make_optimizer(net.parameters(), settings)
         stack_into(net, optimizer, models, optimizers)
         if t.compile != "none":
             compile_forward(net, t.compile)
