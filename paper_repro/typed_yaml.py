@@ -92,6 +92,10 @@ def build(cls: type, raw: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
+#: The words YAML 1.1 reads as booleans: a setting whose choices include one of them (amp: off) gets the word back.
+YAML_BOOLEAN_WORDS = {True: ("y", "yes", "on", "true"), False: ("n", "no", "off", "false")}
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -103,8 +107,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:  # YAML 1.1 read a word such as off as a boolean
+            words = [a for a in args if isinstance(a, str) and a.lower() in YAML_BOOLEAN_WORDS[value]]
+            if len(words) == 1:
+                return words[0]
         if value not in args:
-            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+            hint = (" (YAML reads yes/no/on/off/true/false as a boolean)"
+                    if isinstance(value, bool) and all(isinstance(a, str) for a in args) else "")
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)

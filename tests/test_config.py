@@ -43,6 +43,15 @@ def test_yaml_1_2_floats_are_numbers(tmp_path):
         load(tmp_path, "train:\n  epochs: 1e2\n" + EXPERIMENT)  # a float is not an epoch count
 
 
+def test_a_choice_that_yaml_reads_as_a_boolean_is_the_word(tmp_path):
+    """YAML 1.1 reads an unquoted off as False: amp: off is the choice "off", from the file and from --set; a boolean
+    word that is no choice is refused, saying why."""
+    assert load(tmp_path, "train:\n  amp: off\n" + EXPERIMENT).train.amp == "off"
+    assert load(tmp_path, EXPERIMENT, ["train.amp=off", "evaluate.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match=r"train.compile must be one of .*, got True \(YAML reads yes/no"):
+        load(tmp_path, EXPERIMENT, ["train.compile=yes"])
+
+
 def test_overrides_are_checked_like_the_file(tmp_path):
     with pytest.raises(ConfigError, match="train.lr must be a finite number"):
         load(tmp_path, EXPERIMENT, ["train.lr=.inf"])
