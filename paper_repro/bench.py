@@ -22,6 +22,7 @@ import argparse
 import platform
 import statistics
 import time
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,7 +44,6 @@ from .step_graph import StepGraph, step_generators
 from .train import make_optimizer, train_step
 
 MODELS = ("resnet20", "en5resnet20")
-GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that make CUDA graphs themselves
 KINDS = ("clean", "pgd_at")
 
 
@@ -233,7 +233,7 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
     variants = [("compiled", {"compile_mode": compile_mode}, f" (torch.compile {compile_mode})")] if compile_mode else []
     if graph:
         variants.append(("graphed", {"graph": True}, " (whole step as one CUDA graph)"))
-    if graph and compile_mode and compile_mode not in GRAPHING_COMPILE_MODES:
+    if graph and compile_mode and compile_mode not in config.GRAPHING_COMPILE_MODES:
         variants.append(("compiled_graphed", {"compile_mode": compile_mode, "graph": True},
                          f" (torch.compile {compile_mode} inside one CUDA graph of the step)"))
     results = {}
@@ -296,7 +296,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time K stacked models against K sequential ones (PGD training step), e.g. 2 4")
     p.add_argument("--stacked-model", default="resnet20", help="architecture of the stacked comparison")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", dest="compile_mode", choices=("default", "reduce-overhead", "max-autotune"),
+    p.add_argument("--compile", dest="compile_mode", choices=typing.get_args(config.CompileMode)[1:],
                    help="also time our loop (and, with --stacked, the stacked network) under torch.compile in this mode "
                         "(warm-up compiles)")
     p.add_argument("--cuda-graph", action="store_true",

@@ -106,6 +106,11 @@ class RelaxSettings:
         _check(self.hard_epoch >= 0, f"{at}.hard_epoch must be >= 0, got {self.hard_epoch}")
 
 
+#: train.compile: none, or a torch.compile mode; the last two make CUDA graphs of their own
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
+GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     epochs: int = recipe.EPOCHS
@@ -129,7 +134,7 @@ class TrainSettings:
     channels_last: bool = True
     #: torch.compile of the network: none, or a torch.compile mode; reduce-overhead adds CUDA graphs (the GPU
     #: bench's 4.2x on a ResNet20 PGD-10 step). An execution setting: a resume may change it.
-    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    compile: CompileMode = "none"
     #: on CUDA, capture each epoch's training step whole (attack, loss, backward, SGD) as one CUDA graph and
     #: replay it (paper_repro/step_graph.py); ignored, with a note, on other devices. An execution setting.
     cuda_graph: bool = False
@@ -147,7 +152,7 @@ class TrainSettings:
         _check(self.relax.hard_epoch <= self.epochs,
                f"{at}.relax.hard_epoch ({self.relax.hard_epoch}) must be <= {at}.epochs ({self.epochs})")
         _positive_or_none(self.val_examples, f"{at}.val_examples")
-        _check(not (self.cuda_graph and self.compile in ("reduce-overhead", "max-autotune")),
+        _check(not (self.cuda_graph and self.compile in GRAPHING_COMPILE_MODES),
                f"{at}.cuda_graph captures the whole step as one CUDA graph and {at}.compile {self.compile} makes "
                f"CUDA graphs of its own: use compile none or default with it")
         self.pgd.validate(f"{at}.pgd")

@@ -277,7 +277,7 @@ def part_train(part: Part) -> None:
                           f"one epoch of the run before (~{epoch_s:.0f} s); raise --budget-s"}
             part.save(experiments=runs)
             continue
-        cuda = torch.cuda.is_available() and settings.train.device != "cpu"
+        cuda = on_cuda(settings)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         run_dir = part.out / "train" / name
@@ -288,7 +288,7 @@ def part_train(part: Part) -> None:
         part.save(experiments=runs)
     first = runs.get(names[0], {}) if names else {}
     if first.get("epoch_wall_s"):
-        cuda = torch.cuda.is_available() and settings.train.device != "cpu"
+        cuda = on_cuda(settings)
         part.save(graphed=train_again(part, settings, names[0], first, cuda_graph=True))
         part.save(compiled=train_again(part, settings, names[0], first,
                                        compile="reduce-overhead" if cuda else "default"))
@@ -306,7 +306,6 @@ def train_together(part: Part, settings: config.Settings, trained: list[config.E
                    runs: dict[str, Any]) -> dict[str, Any]:
     """The trained runs that stack, again as one stacked network (train-stacked), the same epochs: the stacked
     epoch's wall time against the sum of theirs (each with its own validation in both)."""
-    import torch
     from . import stacking
     from .train_stacked import train_stacked
     group = max(stacking.stacks(settings, trained, len(trained)), key=len)
@@ -319,7 +318,7 @@ def train_together(part: Part, settings: config.Settings, trained: list[config.E
     dirs = [part.out / "train" / f"{n}-stacked" for n in names]
     stopped = until_budget(lambda: train_stacked(settings, group, dirs, quiet=True, time_budget=share,
                                                  live_dirs=[part.out / "train" / "live" / d.name for d in dirs]))
-    cuda = torch.cuda.is_available() and settings.train.device != "cpu"
+    cuda = on_cuda(settings)
     figures = {n: run_figures(d, cuda) for n, d in zip(names, dirs)}
     epoch_s = figures[names[0]]["epoch_wall_s"]
     return {"experiments": names, "epochs_done": figures[names[0]]["epochs_done"], "epoch_wall_s": epoch_s,
@@ -332,9 +331,8 @@ def train_again(part: Part, settings: config.Settings, name: str, eager: dict[st
                 ) -> dict[str, Any]:
     """The first run again with ``changes`` to its train settings (compile, cuda_graph), the same epochs: its last
     epoch against the eager run's (the first epoch pays for compiling or capturing)."""
-    import torch
     from . import train as train_mod
-    cuda = torch.cuda.is_available() and settings.train.device != "cpu"
+    cuda = on_cuda(settings)
     entry = {"experiment": name, "settings": {f"train.{k}": v for k, v in changes.items()}}
     share = part.remaining() - 10
     if share < 2 * eager["epoch_wall_s"]:
@@ -349,6 +347,12 @@ def train_again(part: Part, settings: config.Settings, name: str, eager: dict[st
     ratio = (figures["last_epoch_images_per_s"] / eager["last_epoch_images_per_s"]
              if figures.get("last_epoch_images_per_s") and eager.get("last_epoch_images_per_s") else None)
     return {**entry, **figures, "stopped_by_budget": stopped, "speedup_last_epoch": round(ratio, 2) if ratio else None}
+
+
+def on_cuda(settings: config.Settings) -> bool:
+    """Whether the part's trainings run on CUDA (its peak memory is then CUDA's)."""
+    import torch
+    return torch.cuda.is_available() and settings.train.device != "cpu"
 
 
 def until_budget(train_call: Callable[[], Any]) -> str | None:

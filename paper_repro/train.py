@@ -168,8 +168,8 @@ def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective
                 settings: Settings | None = None, graph: bool = False) -> dict[str, float]:
     """One pass over the training data; with ``settings`` the learning rate follows lr_at per step
     (a one-cycle schedule moves within the epoch; the step schedule is constant within it). ``graph``: the
-    step is captured as one CUDA graph after warm-up and replayed (an optimizer from
-    ``make_optimizer(..., lr_on_device=True)``)."""
+    step is captured as one CUDA graph after warm-up and replayed (its learning rate must live on the device:
+    ``make_optimizer``'s default on CUDA)."""
     device = loader.device
     attack_gen = torch.Generator(device=device)
     attack_gen.manual_seed(derive_seed(seed, "attack", epoch))
