@@ -54,8 +54,7 @@ class StackedNoise(nn.Module):
         super().__init__()
         self.sources = list(sources)
         self.channels = channels
-        self._sigma_key: tuple | None = None
-        self._sigma_tensor: Tensor | None = None
+        self._sigmas: dict[tuple, Tensor] = {}
 
     def forward(self, out: Tensor) -> Tensor:
         active = [s is not None and s.enabled and s.sigma != 0.0 for s in self.sources]
@@ -79,10 +78,9 @@ class StackedNoise(nn.Module):
         """The members' sigmas as a (1, K, 1, 1, 1) tensor, kept: a host-to-device copy per call would be a sync,
         which a CUDA graph capture of the step cannot hold."""
         key = (tuple(values), device)
-        if self._sigma_key != key:
-            self._sigma_tensor = torch.tensor(values, device=device, dtype=torch.float32).view(1, -1, 1, 1, 1)
-            self._sigma_key = key
-        return self._sigma_tensor
+        if key not in self._sigmas:
+            self._sigmas[key] = torch.tensor(values, device=device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        return self._sigmas[key]
 
 
 class StackedBlock(nn.Module):

@@ -25,8 +25,9 @@ def stack_key(settings: Settings, experiment: Experiment) -> tuple[str, int, str
 def members_in_one_pass(settings: Settings, experiment: Experiment) -> bool:
     """An En_k ResNet (k > 1) that can stack: as a stack of one, its k members are one grouped network, computed in
     one pass instead of k (what ``grid --stack`` does for an ensemble that shares a stack with no other run)."""
-    match = RESNET_NAME.match(experiment.model)
-    return stack_key(settings, experiment) is not None and match is not None and int(match["k"] or 1) > 1
+    if stack_key(settings, experiment) is None:  # a stackable run is an [en<k>]resnet<depth>
+        return False
+    return int(RESNET_NAME.match(experiment.model)["k"] or 1) > 1
 
 
 def stacks(settings: Settings, experiments: Sequence[Experiment], k: int) -> list[list[Experiment]]:
