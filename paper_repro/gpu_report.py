@@ -114,11 +114,13 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
 def best_stacked(bench: dict[str, Any]) -> tuple[int, float] | None:
     """(K, speedup) of the largest K >= 2 the bench part measured stacked against sequential, if any (K = 1 is one
     ensemble's members in one pass, not runs stacked)."""
-    rows = [(int(key.split("_")[0].removeprefix("stacked")), row["speedup"])
-            for key, row in (bench.get("results") or {}).items()
-            if key.startswith("stacked") and not row.get("compile_mode") and not row.get("variant")]  # eager
-    # stacking: what train-stacked does unless train.compile or train.cuda_graph is set
-    rows = [(k, speedup) for k, speedup in rows if k >= 2]
+    rows = []
+    for key, row in (bench.get("results") or {}).items():
+        if not key.startswith("stacked") or row.get("compile_mode") or row.get("variant"):
+            continue  # eager stacking only: what train-stacked does unless train.compile or train.cuda_graph is set
+        k = int(key.split("_")[0].removeprefix("stacked"))
+        if k >= 2:
+            rows.append((k, row["speedup"]))
     return max(rows) if rows else None
 
 

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from paper_repro import config, step_graph, train as train_mod, train_stacked as stacked_mod
 from paper_repro.train_stacked import train_stacked
 
-from test_train_stacked import RUNS, assert_close_runs, settings_for
+from test_train_stacked import RUNS, assert_close_runs, settings_for, weight_drift
 
 GRAPHED = {"batch_size": 25}  # 120 training images: 2 warm-up steps, 2 replays, the last 20 images eagerly
 
@@ -217,11 +217,7 @@ def test_a_cuda_graphed_run_follows_the_eager_run(tmp_path, prepared_dir, schedu
 
 
 def _assert_follows(a, b, summary_a, summary_b) -> None:
-    from test_train_stacked import weights
-    wa, wb = weights(a), weights(b)
-    keys = [k for k in wa if wa[k].is_floating_point()]
-    delta = torch.cat([(wa[k].float() - wb[k].float()).flatten() for k in keys])
-    drift = float(delta.norm() / torch.cat([wa[k].float().flatten() for k in keys]).norm())
+    drift, _ = weight_drift(a, b)
     assert drift < 1e-5, f"graphed weights drift {drift:.1e} (relative L2) from the eager run's"
     for ha, hb in zip(summary_a["history"], summary_b["history"], strict=True):
         assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-5)

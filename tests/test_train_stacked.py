@@ -43,13 +43,18 @@ def weights(run_dir, which="float_weights"):
     return checkpoint.load(getattr(train_mod.RunPaths(run_dir), which))[0]
 
 
-def assert_close_runs(a, b, summary_a, summary_b):
+def weight_drift(a, b) -> tuple[float, float]:
+    """(relative L2, largest absolute) difference of two run folders' float weights."""
     wa, wb = weights(a), weights(b)
     assert sorted(wa) == sorted(wb)
     keys = [k for k in wa if wa[k].is_floating_point()]
     delta = torch.cat([(wa[k].float() - wb[k].float()).flatten() for k in keys])
-    drift = float(delta.norm() / torch.cat([wa[k].float().flatten() for k in keys]).norm())
-    assert drift < 1e-7 and float(delta.abs().max()) < 1e-6, f"{a.name}: weights drift {drift:.1e} (relative L2)"
+    return float(delta.norm() / torch.cat([wa[k].float().flatten() for k in keys]).norm()), float(delta.abs().max())
+
+
+def assert_close_runs(a, b, summary_a, summary_b):
+    drift, largest = weight_drift(a, b)
+    assert drift < 1e-7 and largest < 1e-6, f"{a.name}: weights drift {drift:.1e} (relative L2)"
     qa, qb = weights(a, "deployed"), weights(b, "deployed")  # Q(W): a level may flip where W sits on a threshold
     for k in qa:
         torch.testing.assert_close(qa[k], qb[k], atol=1e-6, rtol=0, msg=k)
