@@ -21,7 +21,7 @@ endif
 # Pipeline commands run with the .venv first on PATH (python, dvc, papermill, jupyter).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help setup results smoke cpu paper test test-fast bench gpu-check params lock clean clean-all standin
+.PHONY: help setup results smoke cpu paper test test-fast bench gpu-check wheelhouse params lock clean clean-all standin
 help:
 	@echo "make results  set up .venv and rebuild every table, figure and notebook from the published results/cpu (minutes, no data)"
 	@echo "make smoke    set up .venv and run the main job: the smoke profile end to end (minutes, CPU)"
@@ -30,6 +30,7 @@ help:
 	@echo "make test     run the test suite (what CI runs)"
 	@echo "make bench    time training steps against a plain baseline (repeated; writes reports/bench.json)"
 	@echo "make gpu-check  everything that needs CUDA in <= 8 min, report in $(GPU_CHECK_OUT)/ (docs/gpu.md)"
+	@echo "make wheelhouse  the pinned wheels an offline GPU machine with its own torch needs (WHEEL_PYTHON=3.12)"
 	@echo "make standin  build the offline CIFAR-10 stand-in from $(SHARED)/data (not official data)"
 	@echo "make params   write every setting a profile's params.yaml leaves to a code default into it (comments kept)"
 	@echo "make lock     rewrite requirements.lock from the current .venv"
@@ -94,6 +95,13 @@ bench: $(STAMP)
 GPU_CHECK_OUT ?= reports/gpu-check
 gpu-check: $(STAMP) $(NEED_STANDIN)
 	$(PY) -m paper_repro gpu-check --out $(GPU_CHECK_OUT) --budget-s 480
+
+# For a GPU machine without network that has its own torch: the pinned wheels it lacks, for its Python
+# (docs/gpu.md section 1). E.g. make wheelhouse WHEEL_ARGS="--for dvclive pyyaml --have numpy pandas".
+WHEELHOUSE ?= wheelhouse
+WHEEL_PYTHON ?= 3.12
+wheelhouse: $(STAMP)
+	$(PY) -m paper_repro wheelhouse --out $(WHEELHOUSE) --python $(WHEEL_PYTHON) $(WHEEL_ARGS)
 
 # Every profile file writes out every setting in effect (DVC tracks values in files, not code defaults).
 params: $(STAMP)

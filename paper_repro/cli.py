@@ -25,6 +25,8 @@ COMMANDS = {
     "bench": ("paper_repro.bench", "time training steps: our loop versus a plain baseline loop"),
     "params": ("paper_repro.params", "check or write out every setting a params.yaml leaves to a code default"),
     "gpu-check": ("paper_repro.gpu_check", "everything that needs CUDA in one timed, fail-soft run: report to --out DIR"),
+    "wheelhouse": ("paper_repro.wheelhouse", "download the pinned wheels a machine without network needs beside its "
+                                             "own torch (for another Python/platform)"),
 }
 
 
