@@ -6,8 +6,9 @@ time limit after its first epoch (tests/slurm_hooks/sitecustomize.py, read only 
 submitit's checkpoint requeues it and the requeued attempt resumes after epoch 1. The metrics must equal
 those of a local `grid` run of the same experiments, and `dvc status` must be clean for the train and
 evaluate stages afterwards. A second cluster test runs `grid --stack 2`: one train-stacked job for two runs,
-then their evaluations, and both runs' stages recorded. In CI (CI set) a cluster that cannot be started fails
-the test.
+driven into its time limit after its first epoch the same way, requeued and resumed for both runs, then their
+evaluations; both runs' metrics, weights and last state must equal a local `grid --stack 2` run's and their
+stages be recorded. In CI (CI set) a cluster that cannot be started fails the test.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from test_pipeline import PROFILE, project_files, run, tiny_params
 
 from paper_repro import cli, grid, slurm
 from paper_repro.config import ConfigError
+from paper_repro.runtime import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = ROOT / "tests" / "slurm_cluster.sh"
@@ -346,8 +348,11 @@ def test_grid_on_slurm_requeues_a_timed_out_training_and_matches_a_local_run(clu
     assert set(metrics_of(profile)) == {f"{SLOW_RUN}.json", f"{FAST_RUN}.json"}
     assert metrics_of(profile) == metrics_of(local / PROFILE)
     for name in (SLOW_RUN, FAST_RUN):
-        assert same_weights(profile / "runs" / name / "deployed.safetensors",
-                            local / PROFILE / "runs" / name / "deployed.safetensors"), name
+        ours, theirs = RunPaths(profile / "runs" / name), RunPaths(local / PROFILE / "runs" / name)
+        assert same_weights(ours.deployed, theirs.deployed), name
+        # the selected model may be epoch 1's: the epoch after the requeue is checked in its state and numbers
+        assert same_weights(ours.state, theirs.state), name
+        assert history_of(ours) == history_of(theirs), name
     assert stage_status(profile, env) == {"verify", "report"}  # train@ and evaluate@ are recorded in dvc.lock
 
 
@@ -381,29 +386,79 @@ def test_a_failed_training_is_reported_with_its_log_and_cancels_the_evaluations(
 
 @pytest.mark.slow
 def test_grid_stack_on_slurm_trains_two_runs_in_one_array_job_and_records_both(cluster, tmp_path):
-    """`grid --executor slurm --stack 2`: ONE train-stacked job for two runs, then one evaluation each; every train
-    and evaluate stage of both runs is recorded in dvc.lock afterwards."""
-    repo, env = make_workspace(tmp_path)
+    """`grid --executor slurm --stack 2`: ONE train-stacked job for two runs, then one evaluation each. The stacked
+    job sleeps after its first epoch in its first attempt (tests/slurm_hooks), reaches its time limit, is requeued
+    with --resume and continues both runs after epoch 1; then both runs' metrics and weights equal those of a local
+    `grid --stack 2` run, and every train and evaluate stage of both runs is recorded in dvc.lock."""
+    repo, env = make_workspace(tmp_path / "slurm")  # two epochs: one before the time limit, one after the requeue
     profile = repo / PROFILE
     params = yaml.safe_load((profile / "params.yaml").read_text())
     smoke = yaml.safe_load((ROOT / PROFILE / "params.yaml").read_text())
     pair = ["resnet20-fp-pgd_at", "en1resnet20-ternary-br-pgd_at"]  # same data pass: they stack
-    params["experiments"] = {name: {**smoke["experiments"][name], "twin": name} for name in pair}  # the transfer
-    params["train"]["epochs"] = 1  # check then attacks the run itself (its float twin is not in this workspace)
+    # each its own twin: the transfer check then attacks the run itself (its float twin is not in this workspace)
+    params["experiments"] = {name: {**smoke["experiments"][name], "twin": name} for name in pair}
     (profile / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    job_env = {**env, **cluster, "PATH": f"{env['PATH']}:/usr/sbin:/sbin"}
-    proc = subprocess.run([sys.executable, "-m", "paper_repro", "grid", "--executor", "slurm", "--stack", "2",
-                           "--time-min", "10", "--mem-gb", "2"], cwd=profile, env=job_env, capture_output=True,
-                          text=True, timeout=900)
-    out = proc.stdout + proc.stderr
+    local = tmp_path / "local"
+    shutil.copytree(repo, local, symlinks=True)
+    threads = max(1, (os.cpu_count() or 1) // 2)  # the same thread count in both runs: identical numbers
+    log = profile / "logs" / "grid" / f"train-{pair[0]}+1.log"
+
+    job_env = {**env, **cluster, "PATH": f"{env['PATH']}:/usr/sbin:/sbin",
+               "PYTHONPATH": f"{HOOKS}{os.pathsep}{repo}", "PAPER_REPRO_TEST_SLOW_AFTER_EPOCH1": pair[1]}
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "paper_repro", "grid", "--executor", "slurm", "--stack", "2",
+                             "--time-min", "2", "--signal-delay-s", "30", "--cpus", str(threads), "--mem-gb", "2"],
+                            cwd=profile, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # The local run while the stacked job sleeps towards its time limit (after its first epoch, which must
+        # finish before the limit: the local run does not compete with it).
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                log.is_file() and "[test hook]" in log.read_text()):
+            time.sleep(1)
+        local_started = time.perf_counter()
+        run([sys.executable, "-m", "paper_repro", "grid", "--stack", "2", "-j", "2"], local / PROFILE,
+            {**env, "PYTHONPATH": str(local)})
+        local_s = time.perf_counter() - local_started
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    slurm_s = time.perf_counter() - started
+    print(f"\nlocal grid --stack 2 {local_s:.0f} s; slurm grid --stack 2 (submit to commit) {slurm_s:.0f} s", flush=True)
     assert proc.returncode == 0, out + logs_of(profile)
     assert re.search(rf"submitted 1 train job\(s\) as Slurm job \d+: \S+={pair[0]}\+{pair[1]}$", out, re.M), out
     assert "submitted 2 evaluate job(s)" in out, out
     assert f"train@{pair[0]} + train@{pair[1]} (job " in out and "3 jobs: 0 pending, 0 running, 3 done, 0 failed" in out
     entry = json.loads((profile / slurm.MANIFEST).read_text())["jobs"][0]
     assert (entry["experiment"], entry["stacked_with"]) == (pair[0], pair[1:])
-    assert "train-stacked" in (profile / "logs" / "grid" / f"train-{pair[0]}+1.log").read_text().splitlines()[0]
+    stacked_log = log.read_text()
+    assert "train-stacked" in stacked_log.splitlines()[0]
     for name in pair:
         assert json.loads((profile / "runs" / name / "train.json").read_text())["stacked_with"] == [
             n for n in pair if n != name]
+
+    assert "[test hook] epoch 2: sleeping" in stacked_log, stacked_log  # once, for the job of both runs
+    assert "attempt 2" in stacked_log and "requeued with --resume" in stacked_log, stacked_log
+    assert all(f"resuming {name} after epoch 1" in stacked_log for name in pair), stacked_log
+    history = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", entry["job_id"].split("_")[0]],
+                             env=job_env, capture_output=True, text=True).stdout
+    assert "REQUEUED" in history, history
+
+    assert set(metrics_of(profile)) == {f"{name}.json" for name in pair}
+    assert metrics_of(profile) == metrics_of(local / PROFILE)
+    for name in pair:
+        ours, theirs = RunPaths(profile / "runs" / name), RunPaths(local / PROFILE / "runs" / name)
+        assert same_weights(ours.deployed, theirs.deployed), name
+        # The selected model may be epoch 1's, trained before the requeue: epoch 2, trained after it, is checked in the
+        # state it left (weights, batch-norm statistics, momentum) and in its numbers.
+        assert same_weights(ours.state, theirs.state), name
+        assert history_of(ours) == history_of(theirs), name
     assert stage_status(profile, env) == {"verify", "report"}  # train@ and evaluate@ of both are in dvc.lock
+
+
+def history_of(run: RunPaths) -> list[dict]:
+    """A run's per-epoch numbers from train.json, without its timings."""
+    keys = ("epoch", "lr", "train_loss", "train_acc", "val_natural_acc", "val_pgd_acc")
+    return [{k: h.get(k) for k in keys} for h in json.loads(run.summary.read_text())["history"]]
