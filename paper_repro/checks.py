@@ -6,8 +6,11 @@ Why these rules: a check must be able to fail for the right reason and say when 
   and the evaluation) except the one the claim varies, the loss and its weights. The trade-off sweep
   (w_adv 1, 2, 4, 16) is therefore never evidence for C3-C5 unless a check's params ask for it.
 * Every comparison uses the uncertainty of both arms (stats.compare): holds / fails / inconclusive.
+  Accuracies of two trained runs carry a training-seed spread each (stats.TRAINING_SEED_SD_PP).
 * C1 is judged against a baseline training can beat or miss: the same quantizer applied to the
-  untrained network (``sparsity_at_init`` in the metrics).
+  untrained network (``sparsity_at_init`` in the metrics), compared layer by layer.
+* A claim about several attacks is decided only when every attack it names was measured: with one
+  missing it is at best inconclusive, and says which.
 Each check takes all metrics plus its registry params and returns a CheckResult.
 """
 from __future__ import annotations
@@ -98,12 +101,18 @@ def pairs(metrics: Sequence[Mapping[str, Any]], base: tuple[str, Mapping[str, fl
     return out
 
 
-def accuracy(m: Mapping[str, Any], attack: str) -> Estimate | None:
-    """The accuracy under ``attack`` with its combined interval (None when not measured)."""
+def accuracy(m: Mapping[str, Any], attack: str, training_sd: float = 0.0) -> Estimate | None:
+    """The accuracy under ``attack`` with its combined interval (None when not measured); ``training_sd``
+    widens it by a training-seed spread, for comparisons between trained runs."""
     entry = (m.get("accuracy") or {}).get(attack)
     if not isinstance(entry, Mapping) or not isinstance(entry.get("per_seed"), list) or not entry.get("n"):
         return None
-    return stats.accuracy_estimate([float(p) for p in entry["per_seed"]], int(entry["n"]))
+    return stats.accuracy_estimate([float(p) for p in entry["per_seed"]], int(entry["n"]), training_sd=training_sd)
+
+
+def run_accuracy(m: Mapping[str, Any], attack: str) -> Estimate | None:
+    """``accuracy`` as one of two trained runs being compared: with the training-seed spread."""
+    return accuracy(m, attack, stats.TRAINING_SEED_SD_PP)
 
 
 def sparsity(doc: Mapping[str, Any] | None, unit: str) -> Estimate | None:
@@ -114,6 +123,26 @@ def sparsity(doc: Mapping[str, Any] | None, unit: str) -> Estimate | None:
     if not counts.get(total):
         return None
     return stats.count_estimate(int(counts.get(zeros, 0)), int(counts[total]))
+
+
+def layer_zero_shares(doc: Mapping[str, Any] | None) -> dict[str, tuple[int, float]] | None:
+    """Layer name -> (weights, % zero) of a sparsity document's layer table (None without one)."""
+    layers = (doc or {}).get("layers")
+    if not layers:
+        return None
+    return {r["name"]: (int(r["numel"]), 100.0 * (int(r["numel"]) - int(r["nnz"])) / int(r["numel"]))
+            for r in layers if r.get("numel")}
+
+
+def gain_over_init(m: Mapping[str, Any], min_gain: float) -> stats.Comparison | None:
+    """Trained minus at-initialisation weight sparsity, paired layer by layer (None without both layer tables
+    over the same layers)."""
+    trained, init = layer_zero_shares(m.get("sparsity")), layer_zero_shares(m.get("sparsity_at_init"))
+    if not trained or not init or set(trained) != set(init):
+        return None
+    names = sorted(trained)
+    return stats.compare_paired_layers([trained[n][0] for n in names], [init[n][1] for n in names],
+                                       [trained[n][1] for n in names], min_gain, +1)
 
 
 def fmt(e: Estimate) -> str:
@@ -161,8 +190,8 @@ def quantized_weights_sparse(metrics: Sequence[Mapping[str, Any]], quantizers: S
                              methods: Sequence[str] = ("BR",), losses: Sequence[str] = ("pgd_at", "tradeoff"),
                              min_weight_sparsity: float = 10.0, min_gain_over_init: float = 0.0) -> CheckResult:
     """C1: each adversarially trained ternary/4-bit BR run is sparser than the same quantizer applied
-    to the untrained network (by more than min_gain_over_init pp, interval rule) and has at least
-    min_weight_sparsity % zero weights."""
+    to the untrained network (by more than min_gain_over_init pp, interval rule over the paired per-layer
+    changes) and has at least min_weight_sparsity % zero weights."""
     evidence = []
     for m in metrics:
         if not (_in(m, "quantizer", quantizers) and _in(m, "method", methods) and _in(m, "loss", losses)):
@@ -171,28 +200,41 @@ def quantized_weights_sparse(metrics: Sequence[Mapping[str, Any]], quantizers: S
         if trained is None:
             continue
         row = {"run": m["run"], "weight sparsity": round(trained.value, 2), "weight sparsity ci95": trained.interval}
+        c = gain_over_init(m, min_gain_over_init) if init is not None else None
+        outcome = c.outcome if c is not None else stats.INCONCLUSIVE
         if init is None:
-            row.update(baseline=None, outcome=stats.INCONCLUSIVE, note="no at-initialisation baseline in the metrics")
+            row.update(baseline=None, note="no at-initialisation baseline in the metrics")
+        elif c is None:
+            row.update({"at init": round(init.value, 2), "note": NO_INIT_LAYERS})
         else:
-            c = stats.compare(init, trained, min_gain_over_init, +1)
-            outcome = c.outcome
-            if trained.hi < min_weight_sparsity:
-                outcome = stats.FAILS
-            elif outcome == stats.HOLDS and trained.lo < min_weight_sparsity:
-                outcome = stats.INCONCLUSIVE
-            row.update({"at init": round(init.value, 2), "at init ci95": init.interval, **c.as_dict(),
-                        "outcome": outcome})
+            row.update({"at init": round(init.value, 2), **c.as_dict()})
+        if trained.hi < min_weight_sparsity:
+            outcome = stats.FAILS
+        elif outcome == stats.HOLDS and trained.lo < min_weight_sparsity:
+            outcome = stats.INCONCLUSIVE
+        row["outcome"] = outcome
         evidence.append(row)
     if not evidence:
         return CheckResult(None, "no adversarially trained ternary/4-bit BR run with sparsity counts")
     outcome = stats.combine([e["outcome"] for e in evidence])
-    detail = "; ".join(
-        f"{e['run']}: {e['weight sparsity']:.2f}% zero weights vs "
-        + (f"{e['at init']:.2f}% for the quantizer at initialisation (diff {e['difference']:+.2f}): {e['outcome']}"
-           if e.get("at init") is not None else "no baseline: inconclusive")
-        for e in evidence)
+    detail = "; ".join(f"{e['run']}: {e['weight sparsity']:.2f}% zero weights vs {_versus_init(e)}: {e['outcome']}"
+                       for e in evidence)
     return CheckResult(outcome, f"trained sparsity > at-init sparsity + {min_gain_over_init:g} pp and >= "
                        f"{min_weight_sparsity:g}%: {detail}", evidence, [e["run"] for e in evidence])
+
+
+NO_INIT_LAYERS = ("the at-initialisation baseline has no per-layer counts (metrics written before they were "
+                  "recorded): the gain's interval needs them, as each layer's threshold ties its weights together")
+
+
+def _versus_init(e: Mapping[str, Any]) -> str:
+    if e.get("at init") is None:
+        return "no at-initialisation baseline"
+    if e.get("difference") is None:
+        return f"{e['at init']:.2f}% at initialisation (no per-layer counts there: the gain's interval is unknown)"
+    lo, hi = e["difference_ci95"]
+    return (f"{e['at init']:.2f}% for the quantizer at initialisation (diff {e['difference']:+.2f} "
+            f"[{lo:+.2f}, {hi:+.2f}] over layers)")
 
 
 def adversarial_sparsity_unstructured(metrics: Sequence[Mapping[str, Any]],
@@ -207,7 +249,8 @@ def tradeoff_recovers_natural(metrics: Sequence[Mapping[str, Any]], min_gain: fl
                               tradeoff: Mapping[str, float] | None = None) -> CheckResult:
     """C3: natural accuracy (trade-off, the paper's weights) > natural accuracy (PGD-AT) + min_gain."""
     return compare_pairs(pairs(metrics, _arm("pgd_at", None), _arm("tradeoff", tradeoff)),
-                         lambda m: accuracy(m, "natural"), "natural accuracy", ("pgd_at", "tradeoff"), min_gain, +1)
+                         lambda m: run_accuracy(m, "natural"), "natural accuracy", ("pgd_at", "tradeoff"), min_gain,
+                         +1)
 
 
 def tradeoff_raises_channel_sparsity(metrics: Sequence[Mapping[str, Any]], min_gain: float = 0.0,
@@ -225,11 +268,12 @@ def tradeoff_keeps_robustness(metrics: Sequence[Mapping[str, Any]], weak: Sequen
     """C5: with the trade-off loss, weak-attack accuracy drops by at most weak_max_drop and strong-attack
     accuracy by at most strong_max_drop, relative to PGD-AT of the otherwise identical run."""
     found = pairs(metrics, _arm("pgd_at", None), _arm("tradeoff", tradeoff))
-    evidence, runs, lines = [], set(), []
+    evidence, runs, lines, missing = [], set(), [], []
     for attack, max_drop in [(a, weak_max_drop) for a in weak] + [(a, strong_max_drop) for a in strong]:
-        res = compare_pairs(found, lambda m, a=attack: accuracy(m, a), f"{attack} accuracy", ("pgd_at", "tradeoff"),
-                            -max_drop, +1)
+        res = compare_pairs(found, lambda m, a=attack: run_accuracy(m, a), f"{attack} accuracy",
+                            ("pgd_at", "tradeoff"), -max_drop, +1)
         if res.outcome is None:
+            missing.append(attack)
             continue
         for e in res.evidence:
             e["attack"], e["max drop"] = attack, max_drop
@@ -239,7 +283,18 @@ def tradeoff_keeps_robustness(metrics: Sequence[Mapping[str, Any]], weak: Sequen
     if not evidence:
         return CheckResult(None, "no pgd_at/tradeoff pair of otherwise identical runs with the attacks "
                            + ", ".join(list(weak) + list(strong)))
-    return CheckResult(stats.combine([e["outcome"] for e in evidence]), " | ".join(lines), evidence, sorted(runs))
+    outcome, note = at_most_inconclusive(stats.combine([e["outcome"] for e in evidence]), missing)
+    return CheckResult(outcome, " | ".join(lines) + note, evidence, sorted(runs))
+
+
+def at_most_inconclusive(outcome: str | None, missing: Sequence[str]) -> tuple[str | None, str]:
+    """A claim that names attacks some of which were not measured cannot hold: it is then at best inconclusive
+    (it can still fail on the attacks that were), and the detail says which are missing."""
+    if not missing:
+        return outcome, ""
+    if outcome == stats.HOLDS:
+        outcome = stats.INCONCLUSIVE
+    return outcome, f" | not measured: {', '.join(missing)} (so at best inconclusive)"
 
 
 def ensemble_size(model: str) -> tuple[int, str] | None:
@@ -259,14 +314,16 @@ def ensemble_ordering(metrics: Sequence[Mapping[str, Any]], loss: str = "pgd_at"
         if parsed and is_arm(m, loss) and norm("quantizer", m.get("quantizer")) == quantizer:
             key = (parsed[1], context(m, without=("model", "noise")))
             groups.setdefault(key, {}).setdefault(parsed[0], m)
-    evidence, runs, lines = [], set(), []
+    evidence, runs, lines, missing = [], set(), [], []
     for (base, _), by_k in sorted(groups.items()):
         ks = sorted(by_k)
         if len(ks) < 2:
             continue
         for attack in attacks:
-            values = [(k, accuracy(by_k[k], attack)) for k in ks]
+            values = [(k, run_accuracy(by_k[k], attack)) for k in ks]
             values = [(k, v) for k, v in values if v is not None]
+            if len(values) < len(ks):
+                missing.append(f"{attack} ({base}: {len(ks) - len(values)} of {len(ks)} runs)")
             if len(values) < 2:
                 continue
             steps = [stats.compare(a, b, -slack, +1) for (_, a), (_, b) in zip(values, values[1:])]
@@ -274,11 +331,12 @@ def ensemble_ordering(metrics: Sequence[Mapping[str, Any]], loss: str = "pgd_at"
             evidence.append({"base": base, "attack": attack, "by_k": {str(k): round(v.value, 2) for k, v in values},
                              "steps": [s.as_dict() for s in steps], "outcome": outcome})
             runs |= {by_k[k]["run"] for k, _ in values}
-            lines.append(f"{base} {attack}: " + " < ".join(f"k={k} {v.value:.2f}" for k, v in values)
+            lines.append(f"{base} {attack}: " + " / ".join(f"k={k} {v.value:.2f}" for k, v in values)
                          + f" ({outcome})")
     if not evidence:
         return CheckResult(None, f"fewer than two otherwise identical resnet/en_k resnet runs with loss {loss}")
-    return CheckResult(stats.combine([e["outcome"] for e in evidence]), "; ".join(lines), evidence, sorted(runs))
+    outcome, note = at_most_inconclusive(stats.combine([e["outcome"] for e in evidence]), missing)
+    return CheckResult(outcome, "; ".join(lines) + note, evidence, sorted(runs))
 
 
 def quantized_benchmark_complete(metrics: Sequence[Mapping[str, Any]],

@@ -1,15 +1,27 @@
 """Is a run comparable with the paper (or, for CIFAR-100 / SVHN runs, with the authors' recipe on that dataset)? Computed from the settings that were in effect (recorded in its
 metrics), field by field against the paper recipe (recipe.py), never from a profile label; every
 "not comparable" verdict names its deviations ("epochs 10 vs 200; 10,000 training images vs 45,000;
-PGD-3 vs PGD-10 training attack")."""
+PGD-3 vs PGD-10 training attack").
+
+Precision: what counts is whether bf16 autocast ran, recorded as ``amp_in_effect`` (training: by train and
+train-stacked in the run's sidecar, copied to ``training.amp_in_effect``; evaluation: top-level ``amp_in_effect``).
+Metrics written before it was recorded are judged from the configured ``amp`` as runtime.use_amp resolves it: "bf16"
+on, "off" off, "auto" on exactly on CUDA, the device read from the settings (``device: cpu``) or from the recorded
+device name (provenance.device / eval_device: runtime.device_name, "cpu (...)" off CUDA, the GPU's name on it); an
+"auto" whose device cannot be told is named as a deviation ("precision in effect not recorded"), never assumed fp32.
+
+Paper columns: each one's recorded ``settings`` (function, options) and the EOT and noise it ran with are compared
+with recipe.PAPER_ATTACK_SETTINGS; an entry that does not record them is named too ("not recorded")."""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+from .config import RESNET_NAME, WRN_NAME
 from .metrics_schema import dataset_of
 from .recipe import (AUGMENT, BATCH_SIZE, DATASET_LABELS, DEFAULT_DATASET, EPOCHS, EVAL_SEEDS, LR, LR_GAMMA,
-                     MILESTONES, MOMENTUM, NESTEROV, PAPER_ATTACKS, PAPER_EPS, RELAX, SCHEDULE,
-                     TEST_IMAGES_BY_DATASET, TRAIN_IMAGES_BY_DATASET, TRAIN_PGD, VAL_IMAGES, WEIGHT_DECAY)
+                     MILESTONES, MOMENTUM, NESTEROV, PAPER_ATTACK_SETTINGS, PAPER_ATTACKS, PAPER_COLUMNS, PAPER_EPS,
+                     RELAX, SCHEDULE, TEST_IMAGES_BY_DATASET, TRAIN_IMAGES_BY_DATASET, TRAIN_PGD, VAL_IMAGES,
+                     WEIGHT_DECAY)
 
 # The training settings compared field by field, with how each is named in a deviation.
 TRAIN_FIELDS: dict[str, tuple[str, Any]] = {
@@ -35,9 +47,48 @@ def _named(dataset: str) -> str:
     return "" if dataset == DEFAULT_DATASET else f"{DATASET_LABELS[dataset]} "
 
 
+def _on_cuda(configured: Any, recorded: Any) -> bool | None:
+    """Whether a stage ran on CUDA: from its configured device when that says (``cpu``, ``mps``, ``cuda[:N]``), else
+    from the recorded device name (runtime.device_name: "cpu (...)" off CUDA, the GPU's name on it); None: unknown."""
+    if isinstance(configured, str) and configured != "auto":
+        return configured.startswith("cuda")
+    if isinstance(recorded, str) and recorded.strip():
+        return not recorded.startswith("cpu")
+    return None
+
+
+def bf16_in_effect(in_effect: Any, amp: Any, configured_device: Any = None, recorded_device: Any = None) -> bool | None:
+    """Whether bf16 autocast ran: the recorded ``amp_in_effect``; for metrics without it, the configured ``amp`` as
+    runtime.use_amp resolves it ("auto": on exactly on CUDA). None: "auto" on a device that cannot be told. A
+    document that records no amp at all (every train and evaluate has recorded it) counts as fp32."""
+    if isinstance(in_effect, bool):
+        return in_effect
+    if amp == "auto":
+        return _on_cuda(configured_device, recorded_device)
+    return amp == "bf16"
+
+
+def _precision(stage: str, bf16: bool | None) -> list[str]:
+    if bf16 is None:
+        return [f"{stage} amp auto: precision in effect not recorded (bf16 autocast on CUDA, fp32 on CPU)"]
+    return [f"bf16 autocast {stage} vs fp32"] if bf16 else []
+
+
+def noise_active(m: Mapping[str, Any]) -> bool:
+    """Whether the evaluated model's noise was on (``noise_active``; documents without it: the configured ``noise``
+    of a model that has noise layers, en{k}resnet / en{k}wrn: a plain resnet has none, whatever ``noise`` says)."""
+    if "noise_active" in m:
+        return bool(m["noise_active"])
+    name = str(m.get("model", ""))
+    match = RESNET_NAME.match(name) or WRN_NAME.match(name)
+    return bool(m.get("noise")) and bool(match and match["k"])
+
+
 def training_deviations(train: Mapping[str, Any], split: Mapping[str, Any], quantized: bool,
-                        method: str, dataset: str = DEFAULT_DATASET) -> list[str]:
-    """How the training settings in effect differ from the paper's (empty: the paper recipe)."""
+                        method: str, dataset: str = DEFAULT_DATASET, amp_in_effect: bool | None = None,
+                        device: str | None = None) -> list[str]:
+    """How the training settings in effect differ from the paper's (empty: the paper recipe). ``amp_in_effect``:
+    whether bf16 autocast ran (None: not recorded, then ``train.amp`` on ``device``, the recorded device name)."""
     want_train = TRAIN_IMAGES_BY_DATASET[dataset]
     if not train:
         return ["training settings not recorded (metrics from an older version): recipe unknown"]
@@ -58,8 +109,7 @@ def training_deviations(train: Mapping[str, Any], split: Mapping[str, Any], quan
         for key, want in RELAX.items():
             if relax.get(key) != want:
                 out.append(f"BR {key} {_num(relax.get(key))} vs {_num(want)}")
-    if train.get("amp") == "bf16":
-        out.append("bf16 autocast training vs fp32")
+    out += _precision("training", bf16_in_effect(amp_in_effect, train.get("amp"), train.get("device"), device))
     n_train, n_val = split.get("train_images"), split.get("val_images")
     if n_train is None:
         out.append("training-set size not recorded")
@@ -87,17 +137,53 @@ def evaluation_deviations(m: Mapping[str, Any], attacks: tuple[str, ...] = PAPER
     else:
         out += [f"{key} on {_num(n)} {label}test images vs {_num(want)}" for key, n in sizes.items() if n != want]
     seeds = m.get("seeds") or []
-    if m.get("noise_active", m.get("noise")) and len(seeds) < EVAL_SEEDS:
+    noisy = noise_active(m)
+    if noisy and len(seeds) < EVAL_SEEDS:
         out.append(f"{len(seeds)} noise seed(s) vs {EVAL_SEEDS}")
     for key in attacks:
         entry = acc.get(key)
         if entry is None:
             continue
-        want = 0.0 if key == "natural" else PAPER_EPS
+        paper = PAPER_ATTACK_SETTINGS.get(key)
+        want = paper["eps"] if paper else PAPER_EPS
         if entry.get("eps") not in (None, want):
             out.append(f"{key} at eps {entry.get('eps')} vs {want}")
-    if (m.get("settings") or {}).get("amp") == "bf16":
-        out.append("bf16 autocast evaluation vs fp32")
+        if paper:
+            out += attack_deviations(key, entry, noisy)
+    settings = m.get("settings") or {}
+    out += _precision("evaluation", bf16_in_effect(m.get("amp_in_effect"), settings.get("amp"), settings.get("device"),
+                                                   (m.get("provenance") or {}).get("eval_device")))
+    return out
+
+
+def _option(options: Mapping[str, Any], key: str) -> str:
+    return repr(options[key]) if key in options else "unset (the function's default)"
+
+
+def attack_deviations(key: str, entry: Mapping[str, Any], noisy: bool) -> list[str]:
+    """How one paper column was run differently from recipe.PAPER_ATTACK_SETTINGS[key]: its function and options
+    (``settings``, as configured), the EOT it used (``eot``: 1 on a model without active noise, whatever was asked)
+    and whether a noisy model kept its noise on (``noise``, else ``settings.noise``)."""
+    want = PAPER_ATTACK_SETTINGS[key]
+    name = f"{key} ({PAPER_COLUMNS[key]})"
+    settings = entry.get("settings") or {}
+    if ("function" not in settings or not isinstance(settings.get("options"), Mapping)
+            or not ("noise" in entry or "noise" in settings)):
+        return [f"{name} attack settings not recorded: how it was run is unknown"]
+    out = []
+    if settings["function"] != want["function"]:
+        out.append(f"{name} attack {settings['function']} vs {want['function']}")
+    have_opts, want_opts = settings["options"], want["options"]
+    for opt in sorted(set(have_opts) | set(want_opts), key=str):
+        if opt not in have_opts or opt not in want_opts or have_opts[opt] != want_opts[opt]:
+            out.append(f"{name} option {opt} {_option(have_opts, opt)} vs {_option(want_opts, opt)}")
+    eot = entry.get("eot", settings.get("eot"))
+    if eot != want["eot"]:
+        out.append(f"{name} EOT {eot} vs {want['eot']}")
+    noise_on = entry["noise"] if "noise" in entry else settings["noise"]
+    if noisy and bool(noise_on) != want["noise"]:
+        on_off = {True: "on", False: "off"}
+        out.append(f"{name} with the model's noise {on_off[bool(noise_on)]} vs {on_off[want['noise']]}")
     return out
 
 
@@ -111,7 +197,8 @@ def deviations(m: Mapping[str, Any]) -> list[str]:
     training = m.get("training") or {}
     quantized = str(m.get("quantizer", "none")) not in ("none", "fp")
     out += training_deviations(training.get("settings") or {}, training.get("split") or {}, quantized,
-                               str(m.get("method")), dataset)
+                               str(m.get("method")), dataset, training.get("amp_in_effect"),
+                               (m.get("provenance") or {}).get("device"))
     if quantized and training and training.get("trained_quantized") is False:
         out.append("no phase-2 epoch: the deployed Q(W) never trained quantized")
     out += evaluation_deviations(m)

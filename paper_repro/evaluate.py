@@ -146,7 +146,7 @@ def evaluate_run(settings: Settings, experiment: Experiment, run_dir: Path, out_
         **(sidecar.get("quantizer_options") or {}))
 
     metrics = assemble(settings, experiment, run_dir, sidecar, data.meta, jobs, accuracy, skipped_attacks, flags,
-                       layers_doc, size_doc, packed, device, out_path, noisy)
+                       layers_doc, size_doc, packed, device, out_path, noisy, amp)
     metrics["timing"] = {"load_s": round(load_s, 2), "attacks_s": {k: v["seconds"] for k, v in accuracy.items()},
                          "sanity_s": round(sanity_s, 2), "total_s": round(time.perf_counter() - started, 2)}
     validate_metrics(metrics)
@@ -226,8 +226,9 @@ def init_sparsity(sidecar: Mapping[str, Any]) -> dict[str, Any] | None:
     state = {k: v.detach() for k, v in fresh.state_dict().items()}
     tensors = {k: (project(v, scheme, **opts) if k in quantized else v) for k, v in state.items()}
     doc = summary(tensors, quantized)
+    layers = [{"name": r["name"], "numel": r["numel"], "nnz": r["nnz"]} for r in doc["layers"]]  # C1 pairs layers
     return _rounded({"weight": doc["weight"], "channel": doc["channel"], "filter": doc["filter"],
-                     "counts": doc["counts"], "train_seed": train_seed,
+                     "counts": doc["counts"], "layers": layers, "train_seed": train_seed,
                      "note": "quantizer applied to the untrained network (same architecture and seed)"})
 
 
@@ -258,6 +259,7 @@ def training_record(sidecar: Mapping[str, Any], train_summary: Mapping[str, Any]
     quantized = bool(sidecar.get("quantized"))
     return {
         "settings": dict(sidecar.get("train") or {}),
+        "amp_in_effect": sidecar.get("amp_in_effect", train_summary.get("amp_in_effect")),  # None: not recorded
         "split": dict(sidecar.get("split") or {}),
         "selection_metric": sidecar.get("selection_metric") or selected.get("metric"),
         "selected": selected,
@@ -283,8 +285,9 @@ def assemble(settings: Settings, experiment: Experiment, run_dir: Path, sidecar:
              data_meta: Mapping[str, Any], jobs: Sequence[Job], accuracy: dict[str, Any],
              skipped_attacks: dict[str, str],
              flags: dict[str, Any], sparsity: dict[str, Any], size: dict[str, Any], packed: str | None,
-             device: torch.device, out_path: Path, noisy: bool) -> dict[str, Any]:
-    """The metrics document (docs/contracts.md, "metrics")."""
+             device: torch.device, out_path: Path, noisy: bool, amp: bool) -> dict[str, Any]:
+    """The metrics document (docs/contracts.md, "metrics"); ``amp``: whether the evaluation ran under bf16 autocast
+    (evaluate.amp as resolved on ``device``)."""
     import torchattacks
 
     ev = settings.evaluate
@@ -340,6 +343,7 @@ def assemble(settings: Settings, experiment: Experiment, run_dir: Path, sidecar:
                      "layout": "bool (len(seeds), n): correct after the attack; 'y' the labels, 'index' the "
                                "test-set indices"},
         "settings": config.to_dict(ev),
+        "amp_in_effect": bool(amp),
     }
 
 

@@ -60,20 +60,16 @@ class EvaluateSettings:
 
     @staticmethod
     def paper_attacks() -> dict[str, EvalAttack]:
-        """The paper's columns A1-A4 (paper-spec section 6; the column names are recipe.PAPER_COLUMNS)."""
-        col = recipe.PAPER_COLUMNS
-        return {
-            "natural": EvalAttack("natural", eps=0.0, paper_column=col["natural"], label="natural (clean) accuracy"),
-            "fgsm": EvalAttack("fgsm", eps=recipe.PAPER_EPS, paper_column=col["fgsm"], label="FGSM, one sign step"),
-            "ifgsm20": EvalAttack("ifgsm20", eps=recipe.PAPER_EPS, paper_column=col["ifgsm20"],
-                                  label="IFGSM20: 20 steps of 1/255, no random start"),
-            # Reference quirk kept as the default because it produced the reported A4 numbers: under
-            # PyTorch 0.4 the reference's w, x and the rescaled image share storage ("aliased").
-            "cw_ref": EvalAttack("cw_ref", eps=recipe.PAPER_EPS, paper_column=col["cw_ref"],
-                                 options={"variant": "aliased"},
-                                 label="C&W, the reference variant (not standard Carlini-Wagner; unclamped; "
-                                       "reference aliasing of w and x reproduced)"),
-        }
+        """The paper's columns A1-A4 (paper-spec section 6), as recipe.PAPER_ATTACK_SETTINGS defines them (the
+        function, eps, options, EOT and noise comparability.py judges a run's columns against; for A4 the reference
+        quirk "aliased", which produced the reported numbers); the column names are recipe.PAPER_COLUMNS."""
+        labels = {"natural": "natural (clean) accuracy", "fgsm": "FGSM, one sign step",
+                  "ifgsm20": "IFGSM20: 20 steps of 1/255, no random start",
+                  "cw_ref": "C&W, the reference variant (not standard Carlini-Wagner; unclamped; "
+                            "reference aliasing of w and x reproduced)"}
+        return {key: EvalAttack(s["function"], eps=s["eps"], options=dict(s["options"]), eot=s["eot"],
+                                noise=s["noise"], paper_column=recipe.PAPER_COLUMNS[key], label=labels[key])
+                for key, s in recipe.PAPER_ATTACK_SETTINGS.items()}
 
     @staticmethod
     def audit_defaults() -> dict[str, EvalAttack]:

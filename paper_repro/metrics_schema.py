@@ -148,6 +148,12 @@ def validate_metrics(m: Any) -> None:
     for key in ("archive_md5", "source", "n_train", "n_test"):
         if key not in data:
             _fail(f"data.{key}", "is missing")
+    if "amp_in_effect" in m and not isinstance(m["amp_in_effect"], bool):
+        _fail("amp_in_effect", f"must be true or false (bf16 autocast ran), got {m['amp_in_effect']!r}")
+    training = m.get("training")
+    trained_amp = training.get("amp_in_effect") if isinstance(training, Mapping) else None
+    if trained_amp is not None and not isinstance(trained_amp, bool):
+        _fail("training.amp_in_effect", f"must be true, false or null (not recorded), got {trained_amp!r}")
     prov = _require(m, "provenance", Mapping)
     for key in ("epochs", "train_seed", "versions", "device", "wall_s"):
         if key not in prov:

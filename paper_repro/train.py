@@ -254,7 +254,9 @@ def run_sidecar(settings: Settings, experiment: Experiment, model: torch.nn.Modu
         "quantizer": experiment.quantizer, "quantizer_options": experiment.quantizer_options,
         "method": experiment.method if experiment.quantized else "none",
         "quantized": list(relax.names), "loss": experiment.loss, "loss_params": experiment.resolved_loss_params(),
-        "noise": experiment.noise, "train": config.to_dict(settings.train), "data": provenance(data_meta),
+        "noise": experiment.noise, "train": config.to_dict(settings.train),
+        "amp_in_effect": use_amp(settings, device),  # train.amp as resolved on this device ("auto": bf16 on CUDA)
+        "data": provenance(data_meta),
         "split": dict(split or {}), "selection_metric": selection_metric(experiment),
         "device": device_name(device), "platform": platform.platform(),
     }

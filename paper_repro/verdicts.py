@@ -17,6 +17,7 @@ from . import checks, comparability, stats
 from .claims import MapsTo, NumericClaim, _is_number
 from .metrics_schema import dataset_of
 from .metrics_schema import read_metrics
+from .recipe import DATASET_LABELS, DEFAULT_DATASET
 
 NOT_COMPARABLE_BANNER = "NOT COMPARABLE WITH THE PAPER"  # the one wording every report and figure uses
 
@@ -109,18 +110,25 @@ def matches(m: Mapping[str, Any], select: Mapping[str, Any]) -> bool:
 
 
 def resolve_run(metrics: Iterable[Mapping[str, Any]], maps_to: MapsTo) -> tuple[Mapping[str, Any] | None, str]:
-    """The one run a reported number is measured on: the run named by maps_to.run, which must also
-    have the fields of maps_to.select. Returns (run, "") or (None, why): "not run" when it is missing
-    (look-alike runs are never used instead), a registry error when the named run has other fields."""
+    """The one run a reported number is measured on: the run named by maps_to.run, on the number's dataset
+    (maps_to.select.dataset; CIFAR-10 when the select leaves it out, as claims.validate reads it), which must also
+    have the other fields of maps_to.select. Returns (run, "") or (None, why): "not run" when it is missing (look-alike
+    runs are never used instead) or when the named run is on another dataset (a profile with data.dataset cifar100
+    names its runs as the CIFAR-10 grid does), a registry error when the named run has other fields."""
     metrics = list(metrics)
+    select = {"dataset": DEFAULT_DATASET, **maps_to.select}
     named = [m for m in metrics if m.get("run") == maps_to.run]
     if not named:
-        alike = [m["run"] for m in metrics if maps_to.select and matches(m, maps_to.select)]
+        alike = [m["run"] for m in metrics if maps_to.select and matches(m, select)]
         extra = (f"; {len(alike)} other run(s) match its select ({', '.join(alike)}) but a reported number "
                  f"maps to one named run" if alike else "")
         return None, f"no run named {maps_to.run}{extra}"
     run = named[0]
-    if maps_to.select and not matches(run, maps_to.select):
+    have, want = dataset_of(run), str(select["dataset"])
+    if have != want:
+        return None, (f"no {DATASET_LABELS.get(want, want)} run named {maps_to.run}: the run of that name is on "
+                      f"{DATASET_LABELS.get(have, have)}")
+    if not matches(run, select):
         differ = {k: run.get(k) for k in maps_to.select if not matches(run, {k: maps_to.select[k]})}
         return None, f"registry error: run {maps_to.run} has {differ}, not the select {dict(maps_to.select)}"
     return run, ""

@@ -84,6 +84,17 @@ def run_name(model: str, quantizer: str, method: str, loss: str, loss_params: di
     return name
 
 
+def attack_settings(attack: str) -> dict[str, Any]:
+    """An entry's ``settings`` as evaluate records them: the paper's (recipe) for the paper columns; {} otherwise."""
+    from paper_repro import recipe
+
+    paper = recipe.PAPER_ATTACK_SETTINGS.get(attack)
+    if paper is None:
+        return {}
+    return {"function": paper["function"], "options": dict(paper["options"]), "eot": paper["eot"],
+            "noise": paper["noise"], "noisy_only": False}
+
+
 def accuracy_entry(attack: str, mean: float, eps: float = 0.031, n: int = 10000) -> dict[str, Any]:
     per_seed = [round(mean + o, 2) for o in SEED_OFFSETS]
     std = float(np.std(per_seed, ddof=1))
@@ -91,7 +102,7 @@ def accuracy_entry(attack: str, mean: float, eps: float = 0.031, n: int = 10000)
     entry = {"attack": attack, "eps": 0.0 if attack == "natural" else eps, "n": n, "mean": round(mean, 2),
              "std": round(std, 2), "ci95": [round(mean - half, 2), round(mean + half, 2)],
              "per_seed": per_seed, "correct": [int(round(p * n / 100)) for p in per_seed], "eot": 1,
-             "settings": {}}
+             "settings": attack_settings(attack)}
     if attack in PAPER_COLUMN:
         entry["paper_column"] = PAPER_COLUMN[attack]
     return entry
@@ -186,7 +197,8 @@ def at_init(quantizer: str, seed: int) -> dict[str, Any] | None:
     fresh = {n: quantize(rng.normal(0.0, 0.1, size=s).astype(np.float32), quantizer) for n, s in LAYERS.items()
              if n in QUANTIZED}
     doc = sparsity(fresh)
-    return {k: doc[k] for k in ("weight", "channel", "filter", "counts")}
+    return {**{k: doc[k] for k in ("weight", "channel", "filter", "counts")},
+            "layers": [{k: r[k] for k in ("name", "numel", "nnz")} for r in doc["layers"]]}
 
 
 def size(deployed: dict[str, np.ndarray], quantizer: str) -> dict[str, Any]:
@@ -281,6 +293,22 @@ def write_tree(root: Path, *, official: bool = False, profile: str = "smoke",
     return paths
 
 
+# Per-layer deviations (pp, summing to 0) of the zero share of simple_metrics' 10 layers: the at-init arm takes
+# them reversed, so the paired per-layer changes spread by about +-1 pp around the overall change.
+LAYER_SPREAD = (-0.9, -0.7, -0.5, -0.3, -0.1, 0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def spread_layers(weight: float, spread: tuple[float, ...], levels: int | None = None) -> list[dict[str, Any]]:
+    """10 layers of 10,000 weights whose zero shares average ``weight`` %."""
+    rows = []
+    for i, d in enumerate(spread):
+        zero = min(100.0, max(0.0, weight + d if 0 < weight < 100 else weight))
+        rows.append({"name": f"layer{i}.weight", "shape": [100, 100], "numel": 10000,
+                     "nnz": 10000 - int(round(zero * 100)), "weight_sparsity": round(zero, 2),
+                     "channel_sparsity": 0.0, "filter_sparsity": 0.0, "levels": levels})
+    return rows
+
+
 def simple_metrics(run: str, model: str = "en1resnet20", quantizer: str = "ternary", method: str = "BR",
                    loss: str = "pgd_at", *, acc: dict[str, float] | None = None, channel: float | None = None,
                    weight: float | None = None, per_seed: bool = True, official: bool = True,
@@ -304,11 +332,13 @@ def simple_metrics(run: str, model: str = "en1resnet20", quantizer: str = "terna
     if weight is not None:  # 100,000 quantized weights
         sparsity_doc["weight"] = weight
         counts.update(quantized_weights=100000, zero_quantized_weights=int(round(weight * 1000)))
+        sparsity_doc["layers"] = spread_layers(weight, LAYER_SPREAD, levels)
     sparsity_doc["counts"] = counts
     if loss_params is None:
         loss_params = {"w_adv": 8.0, "w_nat": 1.0} if loss == "tradeoff" else {}
     init = None if init_weight is None else {
-        "weight": init_weight, "counts": {"quantized_weights": 100000, "zero_quantized_weights": int(round(init_weight * 1000))}}
+        "weight": init_weight, "counts": {"quantized_weights": 100000, "zero_quantized_weights": int(round(init_weight * 1000))},
+        "layers": [{k: r[k] for k in ("name", "numel", "nnz")} for r in spread_layers(init_weight, LAYER_SPREAD[::-1])]}
     return {"schema_version": 1, "run": run, "profile": profile, "model": model, "quantizer": quantizer,
             "method": method, "loss": loss, "loss_params": dict(loss_params), "noise": True,
             "n_examples": n, "seeds": SEEDS, "accuracy": accuracy, "sanity": {},

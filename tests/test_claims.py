@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fixtures_metrics import simple_metrics
-from paper_repro import checks
+from paper_repro import checks, stats
 from paper_repro import claims as C
 from paper_repro import verdicts as V
 
@@ -188,3 +188,76 @@ def test_c1_and_c7():
     assert checks.quantized_benchmark_complete(runs[1:]).holds is None  # binary missing: not run
     runs[1]["sparsity"]["layers"][0]["levels"] = 200  # float weights were evaluated, not Q(W)
     assert checks.quantized_benchmark_complete(runs).holds is False
+
+
+# --------------------------------------------------------------------------- how uncertain a verdict is
+def test_a_sparsity_gain_over_init_is_judged_over_layers_not_as_independent_weights():
+    """The published 4-bit case: -0.34 pp over 267,696 weights. As independent weights the interval is
+    narrow and C1 "fails"; the per-layer threshold (max|W|/15) moves whole layers, and over its layers the
+    same change is within the spread: inconclusive. A change every layer shares still decides."""
+    sizes = [432] + [2304] * 6 + [4608] + [9216] * 5 + [18432] + [36864] * 5  # ResNet20's 3x3 convs
+    init = [22.0 + (i % 5 - 2) * 0.8 for i in range(len(sizes))]
+    swing = [(-1.5, 1.1)[i % 2] for i in range(len(sizes))]  # layers gain or lose with their max|W|
+    trained = [a + d for a, d in zip(init, swing)]
+    total = sum(sizes)
+    diff = sum(s * (b - a) for s, a, b in zip(sizes, init, trained)) / total
+    assert -0.6 < diff < 0  # a small net loss, as published
+    as_weights = stats.compare(stats.count_estimate(round(sum(s * a for s, a in zip(sizes, init)) / 100), total),
+                               stats.count_estimate(round(sum(s * b for s, b in zip(sizes, trained)) / 100), total))
+    assert as_weights.outcome == stats.FAILS  # what the old rule said
+    over_layers = stats.compare_paired_layers(sizes, init, trained)
+    assert over_layers.outcome == stats.INCONCLUSIVE and over_layers.difference == pytest.approx(diff)
+    assert over_layers.lo < 0 < over_layers.hi
+    shared = stats.compare_paired_layers(sizes, init, [a + 2.0 + d / 10 for a, d in zip(init, swing)])
+    assert shared.outcome == stats.HOLDS
+    lost = stats.compare_paired_layers(sizes, init, [a - 2.0 + d / 10 for a, d in zip(init, swing)])
+    assert lost.outcome == stats.FAILS
+    assert stats.compare_paired_layers([10], [5.0], [9.0]).outcome == stats.INCONCLUSIVE  # one layer: no spread
+
+
+def test_c1_without_per_layer_counts_at_init_cannot_decide_but_can_still_fail_its_floor():
+    old = simple_metrics("t", quantizer="ternary", weight=50.0, init_weight=42.0)
+    del old["sparsity_at_init"]["layers"]  # metrics written before the at-init layers were recorded
+    result = checks.quantized_weights_sparse([old])
+    assert result.outcome == stats.INCONCLUSIVE and result.evidence[0]["note"] == checks.NO_INIT_LAYERS
+    assert "no per-layer counts there" in result.detail
+    assert checks.quantized_weights_sparse([old], min_weight_sparsity=60.0).outcome == stats.FAILS
+    paired = checks.quantized_weights_sparse([simple_metrics("t", quantizer="ternary", weight=50.0, init_weight=42.0)])
+    assert paired.outcome == stats.HOLDS and "over layers" in paired.detail
+
+
+def test_two_trained_runs_differ_by_a_training_seed_too():
+    """The published C3 ternary pair (39.42 -> 37.24 natural accuracy on 5,000 images, one noise seed): a
+    failure on test-set sampling alone, inconclusive once each run carries a 0.5 pp training-seed spread."""
+    a, b = stats.accuracy_estimate([39.42], 5000), stats.accuracy_estimate([37.24], 5000)
+    assert stats.compare(a, b).outcome == stats.FAILS
+    a, b = (stats.accuracy_estimate([v], 5000, training_sd=stats.TRAINING_SEED_SD_PP) for v in (39.42, 37.24))
+    assert stats.compare(a, b).outcome == stats.INCONCLUSIVE and "training-seed" in a.how
+    base = simple_metrics("p", loss="pgd_at", acc={"natural": 70.0})
+    lower = simple_metrics("t", loss="tradeoff", acc={"natural": 68.5})
+    plain = stats.compare(checks.accuracy(base, "natural"), checks.accuracy(lower, "natural"))
+    assert plain.outcome == stats.FAILS  # without the training seed this pair would be decided
+    assert checks.tradeoff_recovers_natural([base, lower]).outcome == stats.INCONCLUSIVE
+    assert checks.accuracy(base, "natural").how == checks.accuracy(base, "natural", 0.0).how  # one run's own CI
+
+
+def test_a_claim_over_several_attacks_does_not_hold_when_some_were_not_measured():
+    full = {"natural": 70, "fgsm": 50, "ifgsm20": 45, "cw_ref": 60}
+    base = simple_metrics("p", loss="pgd_at", acc=full)
+    only_fgsm = simple_metrics("t", loss="tradeoff", acc={"natural": 75, "fgsm": 51.5})
+    result = checks.tradeoff_keeps_robustness([base, only_fgsm])
+    assert result.outcome == stats.INCONCLUSIVE and "not measured: ifgsm20, cw_ref" in result.detail
+    assert checks.tradeoff_keeps_robustness([base, simple_metrics("t", loss="tradeoff", acc={**full, "fgsm": 45})]
+                                            ).outcome == stats.FAILS
+    dropped = simple_metrics("t", loss="tradeoff", acc={"natural": 75, "fgsm": 40})
+    assert checks.tradeoff_keeps_robustness([base, dropped]).outcome == stats.FAILS  # a measured failure stays
+
+    def run(model, nat, rob=None):
+        return simple_metrics(model, model, "none", "none", "pgd_at",
+                              acc={"natural": nat, **({"ifgsm20": rob} if rob is not None else {})})
+    natural_only = [run("resnet20", 70), run("en1resnet20", 75), run("en2resnet20", 80)]
+    result = checks.ensemble_ordering(natural_only, attacks=["natural", "ifgsm20"])
+    assert result.outcome == stats.INCONCLUSIVE and "not measured: ifgsm20 (resnet20: 3 of 3 runs)" in result.detail
+    complete = [run("resnet20", 70, 40), run("en1resnet20", 75, 45), run("en2resnet20", 80, 50)]
+    result = checks.ensemble_ordering(complete, attacks=["natural", "ifgsm20"])
+    assert result.outcome == stats.HOLDS and "k=0 70.00 / k=1 75.00 / k=2 80.00" in result.detail

@@ -193,6 +193,26 @@ def test_float_run_via_cli_then_summary(tiny, tmp_path, capsys):
     assert set(json.loads((tmp_path / "reports" / "metrics.json").read_text())) == {"f", "q"}
 
 
+def test_metrics_record_what_ran_for_comparability(tiny, tmp_path):
+    """Whether bf16 autocast ran (training and evaluation) and how each paper column ran are recorded, and the
+    deviations come from them: here amp auto on a CPU (fp32) and a cw_ref that is not the paper's (10 steps, the
+    function's default variant "spec" instead of the reference's "aliased")."""
+    from paper_repro import comparability
+
+    m = tiny["metrics"]
+    assert m["amp_in_effect"] is False and m["training"]["amp_in_effect"] is False
+    devs = comparability.deviations(m)
+    assert not [d for d in devs if "autocast" in d or "precision" in d], devs
+    assert "cw_ref (A4) option steps 10 vs unset (the function's default)" in devs
+    assert "cw_ref (A4) option variant unset (the function's default) vs 'aliased'" in devs
+    assert not [d for d in devs if d.startswith(("natural (A1)", "fgsm (A2)", "ifgsm20 (A3)"))], devs
+    root = tiny["root"]
+    settings = config.from_dict(settings_dict(root, audit=False, sanity=False, n_examples=4, seeds=[0], amp="bf16"))
+    m = E.evaluate_run(settings, settings.experiment("q"), root / "runs" / "q", tmp_path / "q.json", quiet=True)
+    assert m["amp_in_effect"] is True and m["settings"]["amp"] == "bf16"
+    assert "bf16 autocast evaluation vs fp32" in comparability.deviations(m)
+
+
 def test_export_packed_writes_a_loadable_model(tiny, tmp_path):
     root = tiny["root"]
     settings = config.from_dict(settings_dict(root, audit=False, sanity=False, n_examples=4, seeds=[0],
@@ -252,6 +272,8 @@ BREAKS = [
     (lambda m: m["size"].pop("compression"), "size.compression"),
     (lambda m: m["provenance"].pop("epochs"), "provenance.epochs is missing"),
     (lambda m: m.update(noise="yes"), "noise must be bool"),
+    (lambda m: m.update(amp_in_effect="auto"), "amp_in_effect must be true or false"),
+    (lambda m: m["training"].update(amp_in_effect="bf16"), "training.amp_in_effect must be true, false or null"),
 ]
 
 

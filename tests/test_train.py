@@ -52,6 +52,7 @@ def test_tiny_runs_complete_and_deploy_quantized_weights(tmp_path, prepared_dir,
     assert len(summary["history"]) == 2 and summary["selected"]["epoch"] >= 1
     deployed, side = checkpoint.load(paths.deployed)
     assert side["arch"] == exp.model and side["data"]["official"] is False
+    assert side["amp_in_effect"] is False and summary["amp_in_effect"] is False  # amp auto on a CPU: fp32
     if exp.quantized:
         assert side["quantized"] and summary["selected"]["phase"] == 2  # selection among phase-2 epochs only
         for tensor_name in side["quantized"]:
@@ -65,6 +66,21 @@ def test_tiny_runs_complete_and_deploy_quantized_weights(tmp_path, prepared_dir,
         assert all(torch.equal(float_w[k], deployed[k]) for k in float_w)
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert {"train_loss", "val_pgd_acc", "eta"} <= set(metrics)
+
+
+@pytest.mark.parametrize("amp, device, in_effect", [
+    ("auto", "cuda", True), ("auto", "cpu", False), ("bf16", "cpu", True), ("off", "cuda", False)])
+def test_the_run_records_the_autocast_in_effect(tmp_path, monkeypatch, amp, device, in_effect):
+    """The sidecar (hence train.json, and train-stacked's runs: the same run_sidecar) records whether bf16 autocast
+    ran, next to the configured train.amp: amp "auto" (the paper profile's) is bf16 on CUDA, fp32 on a CPU."""
+    monkeypatch.setattr(train_mod, "device_name", lambda d: f"{d.type} (stand-in name)")  # no CUDA needed
+    settings = config.from_dict({"profile": "test", "train": {"amp": amp},
+                                 "experiments": [{"name": SMALL, "model": "resnet8", "loss": "natural"}]})
+    exp = settings.experiment(SMALL)
+    model = train_mod.make_model(exp, 0, torch.device("cpu"), False)
+    side = train_mod.run_sidecar(settings, exp, model, train_mod.make_relax(model, exp, settings), {},
+                                 torch.device(device))
+    assert side["amp_in_effect"] is in_effect and side["train"]["amp"] == amp
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, prepared_dir, monkeypatch):

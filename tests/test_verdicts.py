@@ -71,6 +71,30 @@ def test_missing_named_run_is_not_run_even_with_a_look_alike():
     assert row["verdict"] == V.REGISTRY_ERROR and "registry error" in row["detail"]
 
 
+def test_a_cifar10_number_never_resolves_to_a_run_on_another_dataset():
+    """CIFAR-10 entries leave the dataset out of their select; a profile with data.dataset cifar100 names its
+    runs as the CIFAR-10 grid does, so the dataset is always required (CIFAR-10 when the select leaves it out)."""
+    maps_to = C.MapsTo(run="resnet20-fp-pgd_at", metric="accuracy.natural.mean",
+                       select={"model": "resnet20", "quantizer": "none", "loss": "pgd_at"})
+    c100 = simple_metrics("resnet20-fp-pgd_at", "resnet20", "none", "none", "pgd_at", acc={"natural": 55.0})
+    c100["data"]["dataset"] = "cifar100"
+    run_, why = V.resolve_run([c100], maps_to)
+    assert run_ is None and why == "no CIFAR-10 run named resnet20-fp-pgd_at: the run of that name is on CIFAR-100"
+    claim = C.validate({"schema_version": 1, "sources": {"s": {"title": "t", "ref": "r"}}, "qualitative": [],
+                        "numeric": [{"id": "x", "source": "s", "citation": "c", "table": "T", "row": "r",
+                                     "column": "A1", "dataset": "cifar10", "value": 75.0, "tolerance": 2.0,
+                                     "maps_to": {"run": maps_to.run, "metric": maps_to.metric,
+                                                 "select": dict(maps_to.select)}}]}).numeric[0]
+    row = verify.evaluate_numeric(claim, [c100])
+    assert row["verdict"] == V.NOT_RUN and row["run"] is None and "CIFAR-100" in row["detail"]
+    c10 = simple_metrics("resnet20-fp-pgd_at", "resnet20", "none", "none", "pgd_at", acc={"natural": 75.0})
+    assert V.resolve_run([c10], maps_to) == (c10, "")  # documents without data.dataset are CIFAR-10
+    # a CIFAR-100 number (its select names the dataset) never resolves to the CIFAR-10 run of its name
+    on_c100 = C.MapsTo(run=maps_to.run, metric=maps_to.metric, select={**maps_to.select, "dataset": "cifar100"})
+    assert V.resolve_run([c100], on_c100) == (c100, "")
+    assert V.resolve_run([c10], on_c100)[0] is None
+
+
 # --------------------------------------------------------------------------- 4. comparability
 def test_comparability_is_computed_from_the_recipe_in_effect():
     good = run("pgd", "pgd_at", 70.0)
