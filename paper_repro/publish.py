@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import json
 import re
 import shutil
@@ -165,26 +166,61 @@ def build(metrics_dir: Path, runs_dir: Path, reports_dir: Path, data_meta: Path,
         shutil.copyfile(data_meta, stage / "data.json")
     atomic.write_json(stage / "report_params.json",
                       {"profile": settings.profile, "notebooks": settings.report.get("notebooks", {}) or {}}, indent=1)
-    files = sorted(f for f in stage.rglob("*") if f.is_file())
     manifest = {
         "schema": BUNDLE_SCHEMA, "profile": settings.profile,
         "code_commits": sorted({str(c.get("code_commit")) for c in cards.values()}),
         "publish_commit": checkpoint.code_commit(),
         "data": {k: data_record(data_meta).get(k) for k in ("source", "archive_md5", "official")},
         "runs": sorted(cards), "timing": dict(timing or {}),
-        "bytes": sum(f.stat().st_size for f in files),
-        "files": {str(f.relative_to(stage)): {"bytes": f.stat().st_size, "md5": _md5(f)} for f in files},
     }
-    atomic.write_json(stage / "bundle.json", manifest, indent=1)
-    leaks = machine_paths(stage)
-    if leaks:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise PublishError("machine paths in the bundle (name files, never paths): " + "; ".join(leaks[:5]))
+    manifest = seal(stage, manifest)
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
     stage.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def seal(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write bundle.json listing every file with its md5; refuse (and remove ``folder``) on a machine path."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != "bundle.json")
+    manifest = {**manifest, "bytes": sum(f.stat().st_size for f in files),
+                "files": {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "md5": _md5(f)} for f in files}}
+    atomic.write_json(folder / "bundle.json", manifest, indent=1)
+    leaks = machine_paths(folder)
+    if leaks:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise PublishError("machine paths in the bundle (name files, never paths): " + "; ".join(leaks[:5]))
+    return manifest
+
+
+def reverify(bundle: Path, work: Path, notebooks: Path, quiet: bool = True) -> dict[str, Any]:
+    """Judge a published bundle again with this code, from its own metrics and models (no runs, no data): its
+    verification, summary, tables, figures and executed notebooks are rewritten; its metrics, packed models,
+    cards, training commits and timing stay. The manifest names the commit that judged it
+    (``reverify_commit``). On a failure the bundle is left as it was. Give ``bundle``, ``work`` and ``notebooks``
+    as relative paths: the executed notebooks record them."""
+    from . import report, verify
+
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    old = bundle.with_name(bundle.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.copytree(bundle, old)
+    try:  # in place, so that the notebooks' parameters name the bundle itself
+        verify.run(bundle / "metrics", bundle, quiet=True)
+        base, per_notebook = report.bundle_inputs(bundle, work)
+        report.render(notebooks, work, base, per_notebook, None, quiet)
+        for sub, suffixes in (("tables", (".csv", ".md")), ("figures", FIGURE_SUFFIXES), ("notebooks", (".ipynb",))):
+            shutil.rmtree(bundle / sub, ignore_errors=True)
+            _copy_tree(work / sub, bundle / sub, suffixes)
+        kept = {k: v for k, v in manifest.items() if k not in ("bytes", "files")}
+        manifest = seal(bundle, {**kept, "reverify_commit": checkpoint.code_commit()})
+    except BaseException:
+        shutil.rmtree(bundle, ignore_errors=True)
+        old.rename(bundle)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     return manifest
 
@@ -231,7 +267,9 @@ def readme_block(verification: Mapping[str, Any], bundle: Mapping[str, Any], bun
              + ", ".join(c[:12] + ("+dirty" if c.endswith("+dirty") else "") for c in bundle.get("code_commits", []))
              + "`"
              + (f", {timing['make_cpu_minutes']:.0f} min for `make cpu` on {timing.get('machine')}" if
-                timing.get("make_cpu_minutes") else "") + ". "
+                timing.get("make_cpu_minutes") else "")
+             + (f"; verdicts judged again by code `{bundle['reverify_commit'][:12]}` (`publish --reverify`)"
+                if bundle.get("reverify_commit") else "") + ". "
              f"{prov['banner'] or 'Comparable with the paper.'}: every verdict below is what the claim gives at "
              "this scale, not a verdict on the paper.", "",
              "| Claim | Verdict at this scale | Key numbers |", "|---|---|---|"]
@@ -299,6 +337,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timing", type=Path, help="JSON with the measured pipeline time to record in the bundle")
     p.add_argument("--readme", type=Path, help="only rewrite this README's results block from --bundle")
     p.add_argument("--bundle", type=Path, help="with --readme: the bundle to read (default: results/cpu)")
+    p.add_argument("--reverify", type=Path, metavar="BUNDLE",
+                   help="judge a published bundle again with this code (verification, tables, figures, notebooks "
+                        "from its own metrics and models; no runs or data); then `--readme README.md`")
+    p.add_argument("--notebooks", type=Path, help="with --reverify: the notebooks to execute (default: the "
+                                                  "repository's, relative to here)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -308,6 +351,15 @@ def main(args: argparse.Namespace) -> int:
             raise PublishError(f"{bundle}: no published bundle (run `make cpu` or `publish` first)")
         changed = update_readme(args.readme, bundle)
         print(f"{args.readme}: results block {'updated' if changed else 'already up to date'} from {bundle}")
+        return 0
+    if args.reverify:
+        if not (args.reverify / "bundle.json").is_file():
+            raise PublishError(f"{args.reverify}: not a published bundle (no bundle.json)")
+        work = Path(args.reports) / f"reverify-{args.reverify.name}"
+        notebooks = args.notebooks or Path(os.path.relpath(Path(__file__).resolve().parents[1] / "notebooks"))
+        manifest = reverify(args.reverify, work, notebooks, args.quiet)
+        print(f"re-verified {args.reverify} at {manifest['reverify_commit'][:12]} ({len(manifest['runs'])} runs); "
+              f"now: python -m paper_repro publish --readme README.md --bundle {args.reverify}")
         return 0
     settings = config.load(args.params, args.overrides)
     out = args.out or Path(__file__).resolve().parents[1] / "results" / settings.profile

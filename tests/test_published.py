@@ -40,6 +40,8 @@ def test_bundle_files_are_the_manifest_and_small(manifest):
     assert manifest["bytes"] < MAX_BUNDLE_BYTES
     assert publish.machine_paths(BUNDLE) == []
     assert all(c != "unknown" and not c.endswith("+dirty") for c in manifest["code_commits"]), manifest["code_commits"]
+    judged = manifest.get("reverify_commit", "")
+    assert judged != "unknown" and not judged.endswith("+dirty"), judged  # judged again by committed code only
     assert {"verification.md", "verification.json", "summary.csv", "data.json"} <= files
     assert any(f.startswith("figures/") and f.endswith(".png") for f in files)
     assert len([f for f in files if f.startswith("notebooks/")]) == len(list((ROOT / "notebooks").glob("*.ipynb")))
@@ -131,3 +133,44 @@ def test_gpu_results_match_their_manifest_and_name_no_machine_folders(folder):
     assert publish.machine_paths(folder) == []
     report = json.loads((folder / "gpu_check.json").read_text())
     assert report["dry"] is False and report["device"] and report["parts"]["cuda_tests"]["result"]["failed"] == []
+
+
+@pytest.mark.slow
+def test_reverify_judges_the_bundle_again_from_itself_and_changes_only_what_it_judges(tmp_path, manifest):
+    """`publish --reverify` on a copy: no runs, no data; metrics, models and cards untouched, the verdicts those
+    of the current code (the committed ones), every file in the new manifest, the judging commit recorded."""
+    shutil.copytree(BUNDLE, tmp_path / "results" / "cpu")
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")  # relative paths only: the notebooks record them
+    env = {**os.environ, "CI": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "paper_repro", "publish", "--reverify", "results/cpu",
+                           "--notebooks", "notebooks"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = tmp_path / "results" / "cpu"
+    new = json.loads((again / "bundle.json").read_text())
+    assert new["reverify_commit"] and new["code_commits"] == manifest["code_commits"]
+    for rel, entry in manifest["files"].items():
+        if rel.startswith(("metrics/", "models/")) or rel in ("data.json", "report_params.json"):
+            assert new["files"][rel] == entry, f"{rel} changed: reverify must only judge"
+    for rel, entry in new["files"].items():
+        assert publish._md5(again / rel) == entry["md5"], rel
+    committed = json.loads((BUNDLE / "verification.json").read_text())
+    assert json.loads((again / "verification.json").read_text())["qualitative"] == committed["qualitative"]
+    for table in sorted((BUNDLE / "tables").glob("*.csv")):
+        assert (again / "tables" / table.name).read_text() == table.read_text(), table.name
+    assert publish.machine_paths(again) == []
+
+
+def test_a_failed_reverify_leaves_the_bundle_as_it_was(tmp_path, monkeypatch):
+    from paper_repro import report
+    bundle = tmp_path / "cpu"
+    shutil.copytree(BUNDLE, bundle)
+    before = {str(p.relative_to(bundle)): publish._md5(p) for p in bundle.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a notebook failed")
+    monkeypatch.setattr(report, "render", broken)
+    with pytest.raises(RuntimeError, match="a notebook failed"):
+        publish.reverify(bundle, tmp_path / "work", ROOT / "notebooks")
+    assert {str(p.relative_to(bundle)): publish._md5(p) for p in bundle.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "cpu.old").exists()
