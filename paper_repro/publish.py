@@ -236,7 +236,7 @@ def _key_numbers(row: Mapping[str, Any]) -> str:
         return "; ".join(f"{e.get('group')} {e.get('attack')}: {_arms(e)}" for e in ev) or "-"
     if cid == "C1":
         return "; ".join(f"{e['run']}: {e['weight sparsity']:.1f}% zeros vs {e.get('at init', float('nan')):.1f}% "
-                         "at init" for e in ev) or "-"
+                         f"at init ({e.get('outcome')}{_why_open(e)})" for e in ev) or "-"
     if cid == "C6":
         return "; ".join(f"{e['attack']}: " + " / ".join(f"k={k} {v:.1f}" for k, v in e["by_k"].items()) for e in ev) or "-"
     if cid == "C7":
@@ -251,6 +251,13 @@ def _arms(e: Mapping[str, Any]) -> str:
         return "-"
     (_, va), (_, vb) = values
     return f"{va:.2f} -> {vb:.2f} ({e.get('outcome')})"
+
+
+def _why_open(e: Mapping[str, Any]) -> str:
+    """Why a C1 row has no interval: the baseline lacks its per-layer counts."""
+    from .checks import NO_INIT_LAYERS
+
+    return ": no per-layer counts at init" if e.get("note") == NO_INIT_LAYERS else ""
 
 
 def readme_block(verification: Mapping[str, Any], bundle: Mapping[str, Any], bundle_dir: str) -> str:
