@@ -261,3 +261,22 @@ def test_a_claim_over_several_attacks_does_not_hold_when_some_were_not_measured(
     complete = [run("resnet20", 70, 40), run("en1resnet20", 75, 45), run("en2resnet20", 80, 50)]
     result = checks.ensemble_ordering(complete, attacks=["natural", "ifgsm20"])
     assert result.outcome == stats.HOLDS and "k=0 70.00 / k=1 75.00 / k=2 80.00" in result.detail
+
+
+def test_c7_with_a_quantizer_missing_still_fails_on_a_run_that_breaks_its_conditions():
+    runs = [simple_metrics(q, quantizer=q, levels=lv, acc={a: 50.0 for a in ("natural", "fgsm", "ifgsm20", "cw_ref")})
+            for q, lv in (("ternary", 3), ("4bit", 15))]
+    assert checks.quantized_benchmark_complete(runs).outcome is None  # binary missing: not run
+    runs[1]["sparsity"]["layers"][0]["levels"] = 200  # float weights evaluated as if they were Q(W)
+    result = checks.quantized_benchmark_complete(runs)
+    assert result.outcome == stats.FAILS and "no run for binary" in result.detail and "4bit (levels 200" in result.detail
+
+
+def test_c6_never_takes_a_noise_off_ablation_for_the_enresnet():
+    def run(model, nat, noise=True):
+        m = simple_metrics(model + ("" if noise else "-quiet"), model, "none", "none", "pgd_at", acc={"natural": nat})
+        m["noise"] = noise
+        return m
+    ablation_first = [run("resnet20", 70), run("en1resnet20", 60, noise=False), run("en1resnet20", 75)]
+    result = checks.ensemble_ordering(ablation_first, attacks=["natural"])
+    assert result.outcome == stats.HOLDS and result.evidence[0]["by_k"] == {"0": 70.0, "1": 75.0}
