@@ -196,22 +196,32 @@ def seal(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def command(*argv: str) -> None:
+    """``python -m paper_repro ARGV`` in this directory; its last lines in the error when it fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "paper_repro", *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        raise PublishError(f"`{' '.join(argv[:1])}` failed (exit {proc.returncode}):\n{tail}")
+
+
 def reverify(bundle: Path, work: Path, notebooks: Path, quiet: bool = True) -> dict[str, Any]:
     """Judge a published bundle again with this code, from its own metrics and models (no runs, no data): its
     verification, summary, tables, figures and executed notebooks are rewritten; its metrics, packed models,
     cards, training commits and timing stay. The manifest names the commit that judged it
     (``reverify_commit``). On a failure the bundle is left as it was. Give ``bundle``, ``work`` and ``notebooks``
-    as relative paths: the executed notebooks record them."""
-    from . import report, verify
-
+    as relative paths: the executed notebooks record them. verify and report run as their own commands (a stage
+    imports no other stage)."""
     manifest = json.loads((bundle / "bundle.json").read_text())
     old = bundle.with_name(bundle.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     shutil.copytree(bundle, old)
     try:  # in place, so that the notebooks' parameters name the bundle itself
-        verify.run(bundle / "metrics", bundle, quiet=True)
-        base, per_notebook = report.bundle_inputs(bundle, work)
-        report.render(notebooks, work, base, per_notebook, None, quiet)
+        command("verify", "--metrics", str(bundle / "metrics"), "--out", str(bundle))
+        command("report", "--bundle", str(bundle), "--out", str(work), "--notebooks", str(notebooks),
+                *(["--quiet"] if quiet else []))
         for sub, suffixes in (("tables", (".csv", ".md")), ("figures", FIGURE_SUFFIXES), ("notebooks", (".ipynb",))):
             shutil.rmtree(bundle / sub, ignore_errors=True)
             _copy_tree(work / sub, bundle / sub, suffixes)
