@@ -272,8 +272,10 @@ def tradeoff_keeps_robustness(metrics: Sequence[Mapping[str, Any]], weak: Sequen
     for attack, max_drop in [(a, weak_max_drop) for a in weak] + [(a, strong_max_drop) for a in strong]:
         res = compare_pairs(found, lambda m, a=attack: run_accuracy(m, a), f"{attack} accuracy",
                             ("pgd_at", "tradeoff"), -max_drop, +1)
+        unmeasured = [_group(a) for a, b in found if run_accuracy(a, attack) is None or run_accuracy(b, attack) is None]
+        if unmeasured:
+            missing.append(f"{attack} ({', '.join(unmeasured)})" if res.outcome is not None else attack)
         if res.outcome is None:
-            missing.append(attack)
             continue
         for e in res.evidence:
             e["attack"], e["max drop"] = attack, max_drop

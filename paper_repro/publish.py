@@ -216,8 +216,13 @@ def reverify(bundle: Path, work: Path, notebooks: Path, quiet: bool = True) -> d
     imports no other stage)."""
     manifest = json.loads((bundle / "bundle.json").read_text())
     old = bundle.with_name(bundle.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.copytree(bundle, old)
+    if old.exists():  # an interrupted reverify: it holds the bundle as it was, and this run must not replace it
+        raise PublishError(f"{old} exists: a reverify was interrupted and it holds the bundle as it was; restore it "
+                           f"(rm -r {bundle} && mv {old} {bundle}) or, if {bundle} is right, remove it")
+    partial = old.with_name(old.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(bundle, partial)
+    partial.rename(old)  # the copy is whole before it counts
     try:  # in place, so that the notebooks' parameters name the bundle itself
         command("verify", "--metrics", str(bundle / "metrics"), "--out", str(bundle))
         command("report", "--bundle", str(bundle), "--out", str(work), "--notebooks", str(notebooks),
@@ -228,7 +233,7 @@ def reverify(bundle: Path, work: Path, notebooks: Path, quiet: bool = True) -> d
         kept = {k: v for k, v in manifest.items() if k not in ("bytes", "files")}
         manifest = seal(bundle, {**kept, "reverify_commit": checkpoint.code_commit()})
     except BaseException:
-        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.rmtree(bundle)
         old.rename(bundle)
         raise
     shutil.rmtree(old, ignore_errors=True)

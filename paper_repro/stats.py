@@ -167,19 +167,21 @@ def compare_paired_layers(sizes: Sequence[int], a: Sequence[float], b: Sequence[
     the difference of the size-weighted means, with the t-interval (layers - 1 df) of its cluster-robust
     standard error over the per-layer differences. Fewer than two layers, or no effect in either arm:
     inconclusive."""
-    if not (len(sizes) == len(a) == len(b)) or not sizes:
-        raise ValueError("compare_paired_layers: one size and one share per layer in each arm")
-    total = float(sum(sizes))
-    weights = [s / total for s in sizes]
-    diffs = [y - x for x, y in zip(a, b)]
+    if not (len(sizes) == len(a) == len(b)) or not any(s > 0 for s in sizes):
+        raise ValueError("compare_paired_layers: one size and one share per layer in each arm, some size > 0")
+    layers = [(s, x, y) for s, x, y in zip(sizes, a, b) if s > 0]
+    total = float(sum(s for s, _, _ in layers))
+    weights = [s / total for s, _, _ in layers]
+    diffs = [y - x for _, x, y in layers]
     diff = sum(w * d for w, d in zip(weights, diffs))
-    n = len(sizes)
-    if n < 2:
-        return Comparison(diff, -math.inf, math.inf, threshold, INCONCLUSIVE)
+    n = len(layers)
+    if n < 2:  # no spread to measure: the interval is every possible difference of two shares
+        return Comparison(diff, -100.0, 100.0, threshold, INCONCLUSIVE)
     se = math.sqrt(n / (n - 1) * sum((w * (d - diff)) ** 2 for w, d in zip(weights, diffs)))
     half = _t(n - 1, level) * se
     lo, hi = diff - half, diff + half
-    outcome = INCONCLUSIVE if not any(a) and not any(b) else decide(lo, hi, threshold, direction)
+    outcome = INCONCLUSIVE if not any(x for _, x, _ in layers) and not any(y for _, _, y in layers) else decide(
+        lo, hi, threshold, direction)
     return Comparison(diff, lo, hi, threshold, outcome)
 
 

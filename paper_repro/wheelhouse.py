@@ -12,7 +12,7 @@ when the result is pure Python.
 
 On the target, from the repository root (docs/gpu.md section 1)::
 
-    python3 -m pip install --no-index --no-deps --target /tmp/site DIR/*.whl
+    python3 -m pip install --no-index --no-deps --find-links DIR -r DIR/requirements.txt --target /tmp/site
     PYTHONPATH=/tmp/site python3 -m paper_repro gpu-check --out reports/gpu-check
 """
 from __future__ import annotations
@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.markers import default_environment
-from packaging.requirements import Requirement
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.tags import compatible_tags, cpython_tags
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from tqdm.auto import tqdm
 
 from . import atomic
@@ -66,10 +68,18 @@ def read_lock(path: Path) -> dict[str, str]:
 def target_environment(python: str) -> dict[str, str]:
     """Marker variables of a CPython ``python`` (e.g. "3.12") on x86-64 Linux, whatever machine runs this."""
     env = default_environment()
-    env.update(python_version=python, python_full_version=f"{python}.0", sys_platform="linux",
+    env.update(python_version=python, python_full_version=f"{python}.0", implementation_version=f"{python}.0",
+               sys_platform="linux",
                platform_system="Linux", platform_machine="x86_64", os_name="posix", implementation_name="cpython",
                platform_python_implementation="CPython")
     return env
+
+
+def parse(line: str) -> Requirement:
+    try:
+        return Requirement(line)
+    except InvalidRequirement as e:
+        raise ConfigError(f"not a requirement: {line!r} ({e})") from e
 
 
 def needed(requirement: Requirement, extras: Iterable[str], env: dict[str, str]) -> bool:
@@ -93,7 +103,7 @@ def closure(roots: Iterable[str], pins: dict[str, str], requires: Callable[[dict
     chosen: dict[str, str] = {}
     extras_of: dict[str, set[str]] = {}
     left_out: list[str] = []
-    level: list[tuple[Requirement, str]] = [(Requirement(r), "the command line") for r in roots]
+    level = [(r, "the command line") for r in map(parse, roots) if needed(r, (), env)]
     while level:
         expand: list[str] = []
         for requirement, wanted_by in level:
@@ -104,13 +114,16 @@ def closure(roots: Iterable[str], pins: dict[str, str], requires: Callable[[dict
             if name not in pins:
                 raise ConfigError(f"{name} (required by {wanted_by}) has no pin in the lock: add it to requirements.lock "
                                   f"(`make lock`) or name it with --have if the target has it")
+            if not requirement.specifier.contains(pins[name], prereleases=True):
+                raise ConfigError(f"{name}=={pins[name]} (the lock's pin) does not satisfy {requirement} (required by "
+                                  f"{wanted_by}): the lock is inconsistent; rebuild it (`make lock`)")
             if name in chosen and set(requirement.extras) <= extras_of[name]:
                 continue
             chosen[name] = pins[name]
             extras_of[name] = extras_of.get(name, set()) | set(requirement.extras)
             expand += [name] if name not in expand else []
         lines = requires({name: pins[name] for name in expand}) if expand else {}
-        level = [(dependency, f"{name}=={pins[name]}") for name in expand for dependency in map(Requirement, lines[name])
+        level = [(dependency, f"{name}=={pins[name]}") for name in expand for dependency in map(parse, lines[name])
                  if needed(dependency, extras_of[name], env)]
     return Closure(chosen, left_out)
 
@@ -140,6 +153,9 @@ class Downloader:
     def __init__(self, out: Path, python: str, platforms: Iterable[str] = PLATFORMS):
         self.out, self.python, self.platforms = out, python, tuple(platforms)
         self.built_here: list[str] = []
+        version = tuple(int(p) for p in python.split("."))
+        self.tags = set(cpython_tags(version, platforms=self.platforms)) | set(
+            compatible_tags(version, interpreter=f"cp{version[0]}{version[1]}", platforms=self.platforms))
 
     def pip(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pip", *args, "--quiet", "--disable-pip-version-check"],
@@ -188,9 +204,14 @@ class Downloader:
         return target
 
     def find(self, name: str, version: str) -> Path | None:
+        """A wheel of ``name==version`` in ``out`` that installs on the target (one left by a run for another
+        Python or platform is not)."""
         for path in self.out.glob("*.whl"):
-            parts = path.name.split("-")
-            if wheel_name(path) == name and len(parts) > 1 and parts[1] == version:
+            try:
+                wheel, wheel_version, _, tags = parse_wheel_filename(path.name)
+            except InvalidWheelFilename:
+                continue
+            if canonical(wheel) == name and str(wheel_version) == version and tags & self.tags:
                 return path
         return None
 
@@ -271,5 +292,5 @@ def main(args: argparse.Namespace) -> int:
     print(f"{len(manifest['files'])} wheels, {size:.1f} MiB, for CPython {args.python} in {args.out}/ "
           f"(manifest {MANIFEST}); left to the target: {', '.join(manifest['left_to_the_target']) or 'nothing'}")
     print(f"on the target, from the repository root: python{args.python} -m pip install --no-index --no-deps "
-          f"--target SITE {args.out}/*.whl && export PYTHONPATH=SITE")
+          f"--find-links {args.out} -r {args.out}/requirements.txt --target SITE && export PYTHONPATH=SITE")
     return 0

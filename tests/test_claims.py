@@ -280,3 +280,23 @@ def test_c6_never_takes_a_noise_off_ablation_for_the_enresnet():
     ablation_first = [run("resnet20", 70), run("en1resnet20", 60, noise=False), run("en1resnet20", 75)]
     result = checks.ensemble_ordering(ablation_first, attacks=["natural"])
     assert result.outcome == stats.HOLDS and result.evidence[0]["by_k"] == {"0": 70.0, "1": 75.0}
+
+
+def test_c5_is_open_while_one_pair_lacks_an_attack_the_others_measured():
+    full = {"natural": 70, "fgsm": 50, "ifgsm20": 45, "cw_ref": 60}
+    pairs = [simple_metrics("tp", quantizer="ternary", loss="pgd_at", acc=full),
+             simple_metrics("tt", quantizer="ternary", loss="tradeoff", acc={**full, "natural": 75, "fgsm": 53}),
+             simple_metrics("fp", quantizer="4bit", loss="pgd_at", acc=full),
+             simple_metrics("ft", quantizer="4bit", loss="tradeoff", acc={"natural": 75, "fgsm": 53})]
+    result = checks.tradeoff_keeps_robustness(pairs)
+    assert result.outcome == stats.INCONCLUSIVE
+    assert "not measured: ifgsm20 (en1resnet20/4bit/BR), cw_ref (en1resnet20/4bit/BR)" in result.detail
+
+
+def test_the_layer_interval_has_finite_ends_and_ignores_empty_layers():
+    one = stats.compare_paired_layers([10], [5.0], [9.0])
+    assert (one.lo, one.hi, one.outcome) == (-100.0, 100.0, stats.INCONCLUSIVE)
+    with_empty = stats.compare_paired_layers([0, 100, 100], [50.0, 10.0, 11.0], [0.0, 20.0, 22.0])
+    assert with_empty.difference == pytest.approx(10.5)
+    with pytest.raises(ValueError):
+        stats.compare_paired_layers([0], [1.0], [2.0])

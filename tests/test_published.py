@@ -173,3 +173,7 @@ def test_a_failed_reverify_leaves_the_bundle_as_it_was(tmp_path, monkeypatch):
         publish.reverify(bundle, tmp_path / "work", tmp_path / "notebooks")
     assert {str(p.relative_to(bundle)): publish._md5(p) for p in bundle.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "cpu.old").exists()
+    shutil.copytree(bundle, tmp_path / "cpu.old")  # as a killed reverify leaves it: the only good copy
+    with pytest.raises(publish.PublishError, match="a reverify was interrupted"):
+        publish.reverify(bundle, tmp_path / "work", tmp_path / "notebooks")
+    assert (tmp_path / "cpu.old" / "bundle.json").is_file()

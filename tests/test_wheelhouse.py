@@ -186,3 +186,21 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
     assert cli.main(["wheelhouse", "--out", str(tmp_path / "w"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_roots_follow_the_target_markers_and_pins_must_satisfy_what_requires_them():
+    result = W.closure(["six", "winonly; sys_platform == 'win32'", "docs-tool; extra == 'docs'"], PINS, fake_requires,
+                       set(), W.target_environment("3.12"))
+    assert set(result.pins) == {"six"}
+    with pytest.raises(ConfigError, match=r"numpy==1.0 \(the lock's pin\) does not satisfy numpy>=2"):
+        W.closure(["numpy>=2"], PINS, fake_requires, set(), W.target_environment("3.12"))
+    with pytest.raises(ConfigError, match="not a requirement"):
+        W.closure(["six ==="], PINS, fake_requires, set(), W.target_environment("3.12"))
+
+
+def test_a_wheel_left_for_another_python_is_not_taken_for_the_target(tmp_path):
+    make_wheel(tmp_path, "numpy", "1.0", [], "cp311-cp311-manylinux_2_17_x86_64")
+    make_wheel(tmp_path, "six", "1.0", [], "py3-none-any")
+    on_312 = W.Downloader(tmp_path, "3.12")
+    assert on_312.find("numpy", "1.0") is None and on_312.find("six", "1.0") is not None
+    assert W.Downloader(tmp_path, "3.11").find("numpy", "1.0") is not None
