@@ -257,13 +257,16 @@ def part_data(part: Part) -> None:
 
 # --------------------------------------------------------------------------- short training
 def part_train(part: Part) -> None:
-    """The gpu profile's first experiments for a few epochs on the full data: accuracy, images/s, peak memory."""
+    """The gpu profile's first experiments for a few epochs on the full data: accuracy, images/s, peak memory.
+    They train eager (no CUDA graph, no compile, whatever the profile sets): the reference the graphed and compiled
+    runs after them are measured against."""
     import torch
     from . import train as train_mod
     epochs = 1 if part.dry else part.train_epochs
     probe = part.settings()
     hard = min(probe.train.relax.hard_epoch, epochs)
-    settings = part.settings(f"train.epochs={epochs}", f"train.relax.hard_epoch={hard}")
+    settings = part.settings(f"train.epochs={epochs}", f"train.relax.hard_epoch={hard}", "train.cuda_graph=false",
+                             "train.compile=none")
     names = [e.name for e in settings.experiments[:part.train_experiments]]
     counts = json.loads((part.prepared / "meta.json").read_text())["counts"]
     part.save(epochs=epochs, train_images=counts["train"] - settings.data.val_size, experiments={}, note="training stops at an epoch boundary when its share of the "
