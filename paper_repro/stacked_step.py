@@ -176,4 +176,4 @@ def stacked_train_step(model: StackedEnResNet, relax: StackedRelax, objectives: 
             loss, logits, parts = stacked_loss(objectives, model, xs, ys, x_adv)
         loss.backward()
     optimizer.step()
-    return [p.detach() for p in parts], logits
+    return [p.detach() for p in parts], logits.detach()  # detached: see train.train_step

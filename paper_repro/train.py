@@ -160,7 +160,9 @@ def train_step(model: torch.nn.Module, relax: BinaryRelax, objective: Objective,
             loss, logits = objective.loss(model, x, y, x_adv)
         loss.backward()
     optimizer.step()
-    return loss, logits
+    # detached, so the step's autograd graph dies with it: a CUDA graph captured next then meets no AccumulateGrad
+    # node of an earlier step made on another stream (PyTorch warned of a sync on the H200, 2026-11-28)
+    return loss.detach(), logits.detach()
 
 
 def train_epoch(model: torch.nn.Module, relax: BinaryRelax, objective: Objective, loader: DeviceLoader,
