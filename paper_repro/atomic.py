@@ -95,3 +95,10 @@ def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    """The md5 of a file's bytes: how published files and wheels are named in their manifests."""
+    import hashlib
+
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import signal
@@ -200,7 +199,7 @@ def render(source: Path, out: Path, root_was: str) -> int:
     report = scrub(raw, {k: v for k, v in ((out_was, "<out>"), (root_was, ".")) if k and k.startswith("/")})
     report["command"] = " ".join(portable(w) if w.startswith("/") else w for w in words)
     report["estimate"] = grid_estimate(report["parts"], report["dry"])
-    report["rendered"] = {"from": f"{raw_path.name} md5 {hashlib.md5(raw_path.read_bytes()).hexdigest()}",
+    report["rendered"] = {"from": f"{raw_path.name} md5 {atomic.file_md5(raw_path)}",
                           "by": "python -m paper_repro gpu-check --render", "code_commit": git_commit(),
                           "note": "figures as measured; folders scrubbed and the estimate recomputed by this code"}
     out.mkdir(parents=True, exist_ok=True)

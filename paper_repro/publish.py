@@ -14,7 +14,6 @@ from it alone (no training, no dataset); ``paper_repro.zoo.load`` hands out its 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import json
 import re
@@ -112,8 +111,7 @@ def _copy_tree(src: Path, dst: Path, suffixes: Sequence[str]) -> list[Path]:
     return out
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
+_md5 = atomic.file_md5
 
 
 def machine_paths(folder: Path) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import email.parser
-import hashlib
 import importlib.metadata
 import re
 import subprocess
@@ -216,10 +215,6 @@ class Downloader:
         return None
 
 
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
 def project_requirements() -> list[str]:
     """The installed project's own dependency lines (pyproject.toml), markers kept."""
     try:
@@ -249,11 +244,11 @@ def build_wheelhouse(out: Path, lock: Path, roots: list[str], have: set[str], py
         bar.close()
     (out / "requirements.txt").write_text("".join(f"{n}=={v}\n" for n, v in sorted(result.pins.items())))
     manifest = {
-        "python": python, "platforms": list(PLATFORMS), "lock": lock.name, "lock_md5": md5(lock),
+        "python": python, "platforms": list(PLATFORMS), "lock": lock.name, "lock_md5": atomic.file_md5(lock),
         "roots": roots, "left_to_the_target": sorted(result.left_out),
         "built_here_pure_python": sorted(downloader.built_here),
         "total_bytes": sum(p.stat().st_size for p in files.values()),
-        "files": {p.name: md5(p) for p in sorted(files.values())},
+        "files": {p.name: atomic.file_md5(p) for p in sorted(files.values())},
     }
     atomic.write_json(out / MANIFEST, manifest)
     return manifest
