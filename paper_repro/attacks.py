@@ -1,10 +1,10 @@
 """White-box L-infinity attacks on pixels in [0, 1], batched (paper-spec sections 5 and 6).
 
 All attacks take ``(model, x, y, ...)``, return a new tensor (``x`` is never modified), run the
-model in eval mode (BN running statistics; the EnResNet noise stays as configured) and restore
-every module's mode afterwards, and take input gradients with ``torch.autograd.grad`` so the
-model's parameters keep their ``requires_grad`` flags and ``.grad``. Losses are computed in
-fp32, so a caller may wrap an attack in bf16 autocast. ``eot=k`` averages the input gradient
+model in eval mode (BN running statistics; the EnResNet noise stays as configured) with the parameters
+frozen (``attack_mode``), restore every module's mode and flags afterwards, and take input gradients with
+``torch.autograd.grad``, so the parameters' ``.grad`` is untouched. Losses are computed in fp32, so a caller
+may wrap an attack in bf16 autocast. ``eot=k`` averages the input gradient
 over k stochastic forward passes (Expectation over Transformation for the noisy models).
 
 The paper's settings are the module constants below and the functions' defaults. Kept whole (~350
@@ -60,6 +60,28 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Parameters that require grad stop requiring it; restored on exit. An attack wants only the input
+    gradient: eager autograd skips the weight gradients anyway, but torch.compile's backward computes a gradient
+    for every input that requires one (a weight-gradient convolution per layer per attack step)."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+@contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """What every attack runs in: eval mode (``eval_mode``) with the parameters frozen (``frozen_parameters``)."""
+    with eval_mode(model), frozen_parameters(model):
+        yield model
 
 
 @contextmanager
@@ -119,7 +141,7 @@ def _grad(model: nn.Module, x: Tensor, y: Tensor, loss: str, eot: int) -> Tensor
 def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce", eot: int = 1) -> Tensor:
     """Input gradient of the summed attack loss (eval mode), averaged over ``eot`` noise draws."""
     y = _check(x, y, 0.0, eot)
-    with eval_mode(model):
+    with attack_mode(model):
         return _grad(model, x.detach().clone().requires_grad_(True), y, loss, eot)
 
 
@@ -161,7 +183,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float = TRAIN_PGD_EPS, step
     x0 = x.detach()
     lo = (x0 - eps).clamp_(min=0.0)
     hi = (x0 + eps).clamp_(max=1.0)
-    with eval_mode(model):
+    with attack_mode(model):
         best = best_wrong = best_loss = None
         for _ in range(restarts):
             adv = _pgd_run(model, x0, y, lo, hi, eps, step, steps, random_start, loss, eot, generator)
@@ -263,7 +285,7 @@ def cw_ref(model: nn.Module, x: Tensor, y: Tensor, eps: float = CW_REF_EPS, lr: 
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     beta1, beta2 = ADAM_BETAS
     x0 = x.detach()
-    with eval_mode(model), noise_std_mode(model, "sample" if per_image_noise else None):
+    with attack_mode(model), noise_std_mode(model, "sample" if per_image_noise else None):
         with torch.no_grad():
             clean = model(x0).float()
             pred = clean.argmax(dim=1)
@@ -314,7 +336,7 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, version: str 
         raise ValueError(f"version must be one of {AUTOATTACK_VERSIONS}, got {version!r}")
     x0 = x.detach().clone()
     devices = [x0.device.index if x0.device.index is not None else torch.cuda.current_device()] if x0.is_cuda else []
-    with eval_mode(model), torch.random.fork_rng(devices=devices):
+    with attack_mode(model), torch.random.fork_rng(devices=devices):
         attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version=version,
                                          n_classes=n_classes, seed=seed, verbose=verbose)
         if steps is not None:

@@ -75,7 +75,7 @@ def trades_attack(model: nn.Module, x: Tensor, eps: float, step: float, steps: i
         target = F.softmax(model(x).float(), 1)
     noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     x_adv = (x + TRADES_INIT_SCALE * noise).clamp(0, 1)
-    with attacks.eval_mode(model):
+    with attacks.attack_mode(model):
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():

@@ -116,7 +116,7 @@ def stacked_pgd(model: StackedEnResNet, x: Tensor, y: Tensor, attack: AttackSett
     eps = attack.eps
     x0 = x.detach()
     lo, hi = (x0 - eps).clamp_(min=0.0), (x0 + eps).clamp_(max=1.0)
-    with attacks.eval_mode(model):
+    with attacks.attack_mode(model):
         adv = x0.clone()
         if attack.random_start:
             for rows, generator in zip(adv.chunk(model.n_models), generators):

@@ -111,6 +111,31 @@ def test_adversarials_in_ball_input_untouched_mode_and_params_restored(trained, 
         model.eval()
 
 
+@pytest.mark.parametrize("name", sorted(ATTACK_CALLS))
+def test_attacks_run_with_parameters_frozen(trained, name):
+    """No forward pass of an attack sees a parameter that requires grad (torch.compile's backward would compute
+    every weight gradient), and a failing attack still restores the flags."""
+    model, x, y = trained
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(any(p.requires_grad for p in m.parameters())))
+    try:
+        ATTACK_CALLS[name](model, x[:16], y[:16], 0.05)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)
+    assert all(p.requires_grad for p in model.parameters())
+
+    def broken(m, args):
+        raise RuntimeError("boom")
+    hook = model.register_forward_pre_hook(broken)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            ATTACK_CALLS[name](model, x[:16], y[:16], 0.05)
+    finally:
+        hook.remove()
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_pgd_at_least_as_strong_as_fgsm_and_breaks_everything_at_large_eps(trained):
     model, x, y = trained
     clean = accuracy(model, x, y)
