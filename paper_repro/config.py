@@ -138,6 +138,9 @@ class TrainSettings:
     #: on CUDA, capture each epoch's training step whole (attack, loss, backward, SGD) as one CUDA graph and
     #: replay it (paper_repro/step_graph.py); ignored, with a note, on other devices. An execution setting.
     cuda_graph: bool = False
+    #: on CUDA, let cuDNN time its convolution algorithms for each new shape and keep the fastest
+    #: (torch.backends.cudnn.benchmark); the training batch shape is fixed, so this is paid once. An execution setting.
+    cudnn_benchmark: bool = True
 
     def validate(self, at: str) -> None:
         _check(self.epochs >= 1, f"{at}.epochs must be >= 1, got {self.epochs}")

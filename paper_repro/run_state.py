@@ -33,7 +33,7 @@ class SettingsChanged(ConfigError):
 #: train.* settings that do not change what is computed, only where and how fast: a resume across a
 #: change of them continues (and says so). ``amp`` enters the trajectory as its effective value (bf16
 #: autocast on or off for the device), ``epochs`` only for the one-cycle schedule (see ``trajectory``).
-EXECUTION_SETTINGS = ("device", "amp", "channels_last", "compile", "cuda_graph")
+EXECUTION_SETTINGS = ("device", "amp", "channels_last", "compile", "cuda_graph", "cudnn_benchmark")
 
 
 def _flat(prefix: str, value: Any) -> dict[str, Any]:

@@ -211,6 +211,12 @@ def use_cuda_graph(settings: Settings, device: torch.device) -> bool:
     return settings.train.cuda_graph and device.type == "cuda"
 
 
+def set_cudnn_benchmark(settings: Settings, device: torch.device) -> None:
+    """cuDNN picks its convolution algorithms by timing them (``train.cudnn_benchmark``): CUDA only, process-wide."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = settings.train.cudnn_benchmark
+
+
 def cuda_graph_note(settings: Settings, device: torch.device) -> str | None:
     """The line to print when train.cuda_graph is asked for on a device without CUDA graphs."""
     if settings.train.cuda_graph and device.type != "cuda":

@@ -41,7 +41,8 @@ from .config import Experiment, Settings
 from .data import load_prepared, provenance, validation_split
 from .loader import DeviceLoader, pick_device
 from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, autocast, channels_last_for, compile_forward,
-                      cuda_graph_note, device_name, fault, positive_seconds, use_amp, use_cuda_graph)
+                      cuda_graph_note, device_name, fault, positive_seconds, set_cudnn_benchmark, use_amp,
+                      use_cuda_graph)
 from .losses import Objective, objective_for
 from .models import build
 from .models.enresnet import derive_seed
@@ -281,6 +282,7 @@ def train(settings: Settings, experiment: Experiment, run_dir: Path, *, resume: 
     live_dir = Path(live_dir) if live_dir is not None else Path("dvclive") / experiment.name
     t = settings.train
     device = pick_device(t.device)
+    set_cudnn_benchmark(settings, device)
     torch.manual_seed(t.seed)
     data = training_data(settings, experiment.dataset, device)
     channels_last = channels_last_for(device, settings)

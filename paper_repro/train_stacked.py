@@ -33,7 +33,8 @@ from .losses import Objective, objective_for
 from .models.enresnet import derive_seed
 from .run_state import ResumeError, TrainingDiverged, execution, last_good, momentum_like, open_record
 from .runtime import (EXIT_BUDGET_REACHED, EpochBudget, RunLock, RunPaths, channels_last_for, compile_forward,
-                      cuda_graph_note, positive_seconds, use_amp, use_cuda_graph)
+                      cuda_graph_note, positive_seconds, set_cudnn_benchmark, use_amp,
+                      use_cuda_graph)
 from .stacked import StackedEnResNet, stack_models, stack_state_dicts, unstack_state_dict
 from .stacked_step import StackedRelax, check_objectives, stacked_train_step
 from .stacking import check_stackable
@@ -124,6 +125,7 @@ def train_stacked(settings: Settings, experiments: Sequence[Experiment], run_dir
     check_stackable(settings, experiments)
     t = settings.train
     device = pick_device(t.device)
+    set_cudnn_benchmark(settings, device)
     torch.manual_seed(t.seed)
     data = training_data(settings, experiments[0].dataset, device)
     channels_last = channels_last_for(device, settings)
