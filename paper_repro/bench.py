@@ -4,7 +4,9 @@ The baseline is the loop the reference code uses: a torchvision DataLoader over 
 per-image RandomCrop/RandomHorizontalFlip/ToTensor, NCHW fp32, and a PGD attack run with the network
 in train mode (as the reference's AttackPGD wrapper is called inside ``net.train()``). Ours: uint8 data
 resident on the device with batched on-device augmentation, the attack in eval mode with gradients
-for the input only, channels_last, bf16 autocast and train's fused SGD (learning rate on the device) on CUDA.
+for the input only, channels_last, bf16 autocast, train's fused SGD (learning rate on the device) and, as
+``train.cudnn_benchmark`` says, cuDNN's timed choice of convolution algorithms on CUDA (the baseline keeps
+PyTorch's default, heuristics; the flag is process-wide, so each loop sets it before each of its steps).
 Both loops run the same model, batch size, SGD hyperparameters and PGD-10 settings; only ratios measured in the same run are reported (shared machines are
 noisy). Each loop is timed ``--repeats`` times, the loops interleaved (baseline, ours, baseline, ...), so a
 burst of load hits both; reported: median images/s, min/max and the spread (max-min)/median, and the
@@ -40,6 +42,7 @@ from .quant import BinaryRelax
 from .runtime import channels_last_for, compile_forward, use_amp
 from .stacked import build_stacked
 from .stacked_step import StackedRelax, stacked_train_step
+from .step_profile import profile_steps
 from .step_graph import StepGraph, step_generators
 from .train import make_optimizer, train_step
 
@@ -221,11 +224,12 @@ def _line(key: str, row: dict, base: str, new: str) -> str:
 def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ...], batch: int, warmup: int,
         timed: int, n_images: int, device: torch.device, log: Callable[[str], None] = print, repeats: int = 1,
         stacked: tuple[int, ...] = (), stacked_model: str = "resnet20", compile_mode: str | None = None,
-        graph: bool = False) -> dict:
+        graph: bool = False, profile: int = 0) -> dict:
     """Rows of results: ``<kind>_<model>`` (ours vs baseline) and ``stacked<K>_pgd_at_<model>`` (stacked vs
     sequential), each with ``_compiled`` (``compile_mode``) and ``_graphed`` (``graph``) rows beside it, and
     ``_compiled_graphed`` (the compiled network inside the step's CUDA graph) with both unless the mode makes CUDA
-    graphs of its own."""
+    graphs of its own. With ``profile`` N, each row also gets ``profile``: N more steps of each of its loops under
+    torch.profiler (``step_profile``)."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n_images, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n_images)
@@ -248,6 +252,20 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
                 extra["compile_mode"] = compile_mode
             log(_line(label, extra, base, loop) + note)
 
+    def profiled(key: str, loops: dict[str, Iterator[int]]) -> None:
+        if not profile:
+            return
+        for loop, steps in loops.items():
+            try:
+                p = profile_steps(steps, profile, device)
+            except Exception as e:  # the profiler is a diagnosis: its failure must not cost the row's timings
+                results[key].setdefault("profile", {})[loop] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                log(f"  profile {loop:20s} failed: {type(e).__name__}: {e}")
+                continue
+            results[key].setdefault("profile", {})[loop] = p
+            log(f"  profile {loop:20s} {p['kernels_per_step']:8.1f} {p['counted']} per step, busy "
+                f"{p['busy_ms_per_step']:.2f} of {p['wall_ms_per_step']:.2f} ms ({p['busy_pct']:.0f}%)")
+
     for name in models:
         for kind in kinds:
             loops = {"baseline": _baseline_loop(name, images, labels, batch, kind, attack, device),
@@ -256,27 +274,39 @@ def run(settings: config.Settings, models: tuple[str, ...], kinds: tuple[str, ..
                 loops[variant] = _our_loop(name, images, labels, batch, kind, attack, device, settings, **options)
             report(f"{kind}_{name}", f"{kind} {name}", measure(loops, warmup, timed, repeats, device),
                    "baseline", "ours")
+            profiled(f"{kind}_{name}", loops)
     for k in stacked:
         loops = {loop: stacked_steps(stacked_model, k, images, labels, batch, attack, device, settings,
                                      loop != "sequential") for loop in ("sequential", "stacked")}
         for variant, options, _ in variants:
             loops[f"stacked_{variant}"] = stacked_steps(stacked_model, k, images, labels, batch, attack, device,
                                                         settings, True, **options)
+        loops = {loop: with_cudnn_benchmark(steps, settings.train.cudnn_benchmark) for loop, steps in loops.items()}
         report(f"stacked{k}_pgd_at_{stacked_model}", f"{k}x {stacked_model} pgd_at",
                measure(loops, warmup, timed, repeats, device), "sequential", "stacked")
+        profiled(f"stacked{k}_pgd_at_{stacked_model}", loops)
     return results
+
+
+def with_cudnn_benchmark(steps: Iterator[int], benchmark: bool) -> Iterator[int]:
+    """``steps`` with torch.backends.cudnn.benchmark set to ``benchmark`` before each step (interleaved loops share
+    the process-wide flag)."""
+    while True:
+        torch.backends.cudnn.benchmark = benchmark
+        yield next(steps)
 
 
 def _baseline_loop(name, images, labels, batch, kind, attack, device) -> Iterator[int]:
     model = build(name, seed=0).to(device)
-    return baseline_steps(model, sgd(model, ours=False), images, labels, batch, kind, attack, device)
+    return with_cudnn_benchmark(baseline_steps(model, sgd(model, ours=False), images, labels, batch, kind, attack,
+                                               device), False)
 
 
 def _our_loop(name, images, labels, batch, kind, attack, device, settings, compile_mode: str | None = None,
               graph: bool = False) -> Iterator[int]:
     model = build(name, seed=0).to(device)
-    return our_steps(model, sgd(model, ours=True), images, labels, batch, kind, attack, device, settings, compile_mode,
-                     graph)
+    return with_cudnn_benchmark(our_steps(model, sgd(model, ours=True), images, labels, batch, kind, attack, device,
+                                          settings, compile_mode, graph), settings.train.cudnn_benchmark)
 
 
 def environment(device: torch.device) -> dict:
@@ -303,6 +333,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time our loop (and, with --stacked, the stacked network) with the whole step captured as "
                         "one CUDA graph after two warm-up steps (CUDA only; what train.cuda_graph does); with "
                         "--compile default also the compiled network inside the graph")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, run N more steps of each loop under torch.profiler: kernels per step and the "
+                        "share of the step the device is busy (step_profile)")
     p.add_argument("--json", type=Path, help="also write the results here (e.g. reports/bench.json)")
 
 
@@ -311,7 +344,7 @@ def main(args: argparse.Namespace) -> int:
     for name in [*args.models, args.stacked_model]:  # one-line error before any timing starts
         config.from_dict({"experiments": {"bench": {"model": name}}}, origin="--models")
     for value, what in ((args.batch_size, "--batch-size"), (args.steps, "--steps"), (args.repeats, "--repeats"),
-                        *((k, "--stacked") for k in args.stacked)):
+                        (args.profile or None, "--profile"), *((k, "--stacked") for k in args.stacked)):
         if value is not None and value < 1:
             raise config.ConfigError(f"{what} must be >= 1, got {value}")
     device = pick_device(args.device)
@@ -325,7 +358,7 @@ def main(args: argparse.Namespace) -> int:
           f"{args.warmup} warm-up + {repeats} x {timed} timed steps per loop (interleaved)")
     results = run(settings, tuple(args.models), tuple(args.kinds), args.batch_size, args.warmup, timed, n_images,
                   device, repeats=repeats, stacked=tuple(args.stacked), stacked_model=args.stacked_model,
-                  compile_mode=args.compile_mode, graph=args.cuda_graph)
+                  compile_mode=args.compile_mode, graph=args.cuda_graph, profile=args.profile)
     if args.json:
         setup = {"batch_size": args.batch_size, "warmup": args.warmup, "timed_steps": timed, "repeats": repeats,
                  "pgd_steps": settings.train.pgd.steps, "amp": use_amp(settings, device),
