@@ -41,12 +41,13 @@ SMALL_WEIGHT_THRESHOLD = 1e-3  # |w| below this counts as small (sibling paper, 
 
 
 # --------------------------------------------------------------------------- loading
-def load_run(run_dir: Path, device: torch.device,
-             channels_last: bool = False) -> tuple[nn.Module, dict[str, Tensor], dict[str, Any]]:
+def load_run(run_dir: Path, device: torch.device, channels_last: bool = False,
+             allow_incomplete: bool = False) -> tuple[nn.Module, dict[str, Tensor], dict[str, Any]]:
     """The deployed model (eval mode, on ``device``), its tensors (CPU) and sidecar; refuses a run folder
-    that does not hold one finished training (marked INCOMPLETE by train)."""
+    that does not hold one finished training (marked INCOMPLETE by train) unless ``allow_incomplete`` (timing
+    only: the weights of the last epoch a stopped run selected)."""
     paths = RunPaths(Path(run_dir))
-    if paths.incomplete.is_file():
+    if paths.incomplete.is_file() and not allow_incomplete:
         raise ConfigError(f"{run_dir} holds no finished training (marked {paths.incomplete.name}: in progress, stopped "
                           f"or diverged): finish it with `python -m paper_repro train --resume`, then evaluate")
     path = paths.deployed

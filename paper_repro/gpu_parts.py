@@ -104,9 +104,13 @@ def part_env(part: Part) -> None:
 
 
 def git_commit() -> str | None:
+    """HEAD, with "-dirty" when tracked files differ from it (a working tree copied beside an older .git, as on the
+    project's GPU machines, reads as its .git's commit plus "-dirty", not as that commit)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        head = git("rev-parse", "HEAD")
+        return f"{head}-dirty" if head and git("status", "--porcelain", "--untracked-files=no") else (head or None)
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -161,15 +165,18 @@ def junit_counts(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- bench
 #: (model, step kind, torch.compile mode, whole-step CUDA graph, K: None for ours vs the baseline, else K models
 #: stacked vs one after another), most wanted first: a part cut short by its timeout keeps the rows it finished.
-#: The issue's target (a ResNet20 PGD-10 step, 10x) comes first, then the stacked network (3x at K = 8), then the
-#: step with torch.compile's fused kernels inside the graph (it compiles during warm-up, which takes long), then
+#: The issue's target (a ResNet20 PGD-10 step, 10x) comes first, then the step with torch.compile's fused kernels
+#: inside the graph (it compiles during warm-up, which takes long; 4.82x on the first H200 check, when the attack's
+#: compiled backward still computed every weight gradient), then the stacked network (3x at K = 8), then
 #: an En5ResNet20's five members in one pass (K = 1: the stacked network of one ensemble) against its member loop.
 #: A row measured again by a later entry keeps its first measurement. torch.compile reduce-overhead was measured
 #: on the first H200 run (4.23x; `bench --compile reduce-overhead`).
-BENCH_PLAN = (("resnet20", "pgd_at", None, True, None), ("resnet20", "pgd_at", None, True, 8),
-              ("resnet20", "pgd_at", "default", True, None), ("en5resnet20", "pgd_at", None, True, 1),
+BENCH_PLAN = (("resnet20", "pgd_at", None, True, None), ("resnet20", "pgd_at", "default", True, None),
+              ("resnet20", "pgd_at", None, True, 8), ("en5resnet20", "pgd_at", None, True, 1),
               ("en5resnet20", "pgd_at", None, True, None), ("resnet20", "clean", None, True, None),
               ("resnet20", "pgd_at", None, False, 4))
+#: Steps of each single-model row's loops run again under torch.profiler (step_profile): where the time goes.
+PROFILE_STEPS = 3
 DRY_BENCH_PLAN = (("resnet8", "pgd_at", None, False, None), ("resnet8", "pgd_at", None, False, 2),
                   ("en2resnet8", "pgd_at", None, False, 1))  # no CUDA graphs on a CPU
 
@@ -194,7 +201,8 @@ def part_bench(part: Part) -> None:
         try:
             rows = bench.run(settings, () if k else (name,), () if k else (kind,), size["batch"], size["warmup"],
                              size["timed"], n_images, device, repeats=size["repeats"], stacked=(k,) if k else (),
-                             stacked_model=name, compile_mode=compile_mode, graph=graph)
+                             stacked_model=name, compile_mode=compile_mode, graph=graph,
+                             profile=0 if k else PROFILE_STEPS)
         except Exception as e:  # one failing loop set (e.g. a new compile + graph combination) spares the others
             failed.append({"row": f"{kind} {name}{f' x{k} stacked' if k else ''}, compile {compile_mode}, "
                                   f"cuda graph {graph}",
@@ -291,18 +299,20 @@ def part_train(part: Part) -> None:
         part.save(experiments=runs)
     first = runs.get(names[0], {}) if names else {}
     if first.get("epoch_wall_s"):
-        cuda = on_cuda(settings)
         part.save(graphed=train_again(part, settings, names[0], first, cuda_graph=True))
-        part.save(compiled=train_again(part, settings, names[0], first,
-                                       compile="reduce-overhead" if cuda else "default"))
     trained = [settings.experiment(n) for n in names if runs.get(n, {}).get("epoch_wall_s")]
     if len(trained) >= 2:
         part.save(stacked=train_together(part, settings, trained, runs))
+    if first.get("epoch_wall_s"):
+        part.save(compiled=train_again(part, settings, names[0], first,
+                                       compile="reduce-overhead" if on_cuda(settings) else "default"))
 
 
 #: The runs the train part trains again after the gpu profile's first ones, in this order: the first run with its
-#: step as one CUDA graph (train.cuda_graph; eager on a CPU), under torch.compile, and the runs stacked.
-TRAIN_AGAIN = ("graphed", "compiled", "stacked")
+#: step as one CUDA graph (train.cuda_graph; eager on a CPU), the runs stacked (train-stacked), and the first run
+#: under torch.compile (last: reduce-overhead was slower than one graph of the whole step on the first H200 check,
+#: and compiling takes long).
+TRAIN_AGAIN = ("graphed", "stacked", "compiled")
 
 
 def train_together(part: Part, settings: config.Settings, trained: list[config.Experiment],
@@ -391,27 +401,47 @@ def run_figures(run_dir: Path, cuda: bool) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- paper columns
-def part_columns(part: Part) -> None:
-    """The paper columns A1-A4 for one model on (up to) 10,000 test images, one noise seed, fp32 as configured."""
+#: Test images each audit attack (evaluate.audit_attacks) is timed on after the paper columns, when time is left:
+#: enough for a per-image cost, few enough that PGD-50 x 3 restarts x EOT 10 fits a short window.
+AUDIT_TIMING_IMAGES = 200
+DRY_AUDIT_TIMING_IMAGES = 4
+
+
+def columns_model(part: Part, device: Any, channels_last: bool) -> tuple[Any, str]:
+    """The model the columns are timed on: the train part's noisy run, finished if one is, else partly trained
+    (a run its time budget stopped: its deployed weights of the last epoch), else an untrained one."""
     import torch
-    from . import evaluate, scoring
+    from . import evaluate
+    from .models import build
+    from .runtime import RunPaths
+    runs = [p for p in sorted((part.out / "train").glob(f"{NOISY_MODEL}-*")) if RunPaths(p).deployed.is_file()]
+    finished = [p for p in runs if not RunPaths(p).incomplete.is_file()]
+    if finished:
+        model, _, _ = evaluate.load_run(finished[0], device, channels_last)
+        return model, f"trained in the train part ({finished[0].name})"
+    if runs:
+        model, _, sidecar = evaluate.load_run(runs[0], device, channels_last, allow_incomplete=True)
+        return model, (f"partly trained in the train part ({runs[0].name}, stopped by its time budget; weights of "
+                       f"epoch {(sidecar.get('selected') or {}).get('epoch', '?')}): timing only")
+    arch = dry_model(NOISY_MODEL) if part.dry else NOISY_MODEL
+    model = build(arch, seed=0).to(device).eval()
+    model = model.to(memory_format=torch.channels_last) if channels_last else model
+    return model, f"untrained {arch} (timing only: the train part left no model)"
+
+
+def part_columns(part: Part) -> None:
+    """The paper columns A1-A4 for one model on (up to) 10,000 test images, one noise seed, fp32 as configured;
+    then, while time is left, each audit attack on a few images (its cost per image, for the grid estimate)."""
+    import torch
+    from . import scoring
     from .data import load_prepared
     from .loader import pick_device
-    from .models import build
     from .runtime import channels_last_for
     settings = part.settings()
     ev = settings.evaluate
     device = pick_device(ev.device)
     channels_last = channels_last_for(device, settings)
-    trained = [p for p in sorted((part.out / "train").glob(f"{NOISY_MODEL}-*")) if (p / "deployed.safetensors").is_file()]
-    if trained:
-        model, _, _ = evaluate.load_run(trained[0], device, channels_last)
-        source = f"trained in the train part ({trained[0].name})"
-    else:
-        arch = dry_model(NOISY_MODEL) if part.dry else NOISY_MODEL
-        model = build(arch, seed=0).to(device).eval()
-        model = model.to(memory_format=torch.channels_last) if channels_last else model
-        source = f"untrained {arch} (timing only: the train part left no model)"
+    model, source = columns_model(part, device, channels_last)
     amp = ev.amp == "bf16" or (ev.amp == "auto" and device.type == "cuda")
     scorer = scoring.Scorer(scoring.AutocastLogits(model, device.type) if amp else model, device, ev.batch_size,
                              True, channels_last)
@@ -419,15 +449,35 @@ def part_columns(part: Part) -> None:
     x_test, y_test = torch.as_tensor(data.x_test), torch.as_tensor(data.y_test).long()
     n = min(len(y_test), 10000)
     part.save(model=source, images=n, seeds=1, amp="bf16" if amp else "fp32", device=str(device), columns={})
-    columns: dict[str, Any] = {}
-    for key, spec in ev.attacks.items():
-        job = scoring.Job(key, spec, 0.0 if spec.attack == "natural" else spec.eps, False, n, (0,))
+    noisy = scoring.noise_active(model)
+
+    def timed(key: str, spec: Any, images: int, audit: bool = False) -> dict[str, Any]:
+        job = scoring.Job(key, spec, 0.0 if spec.attack == "natural" else spec.eps, audit, images, (0,))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        entry, _ = scoring.run_job(scorer, job, x_test, y_test, scoring.noise_active(model))
-        columns[key] = {"column": spec.paper_column, "seconds": entry["seconds"], "accuracy": entry["mean"],
-                        "images_per_s": round(n / max(entry["seconds"], 1e-9), 1)}
+        entry, _ = scoring.run_job(scorer, job, x_test, y_test, noisy)
+        return {"seconds": entry["seconds"], "accuracy": entry["mean"],
+                "images_per_s": round(images / max(entry["seconds"], 1e-9), 1)}
+
+    columns: dict[str, Any] = {}
+    paper = sorted(((k, s) for k, s in ev.attacks.items() if s.paper_column), key=lambda item: item[1].paper_column)
+    for key, spec in paper:
+        columns[key] = {"column": spec.paper_column, **timed(key, spec, n)}
         part.save(columns=columns, total_s=round(sum(c["seconds"] for c in columns.values()), 2))
+    sample = min(n, DRY_AUDIT_TIMING_IMAGES if part.dry else AUDIT_TIMING_IMAGES)
+    audit: dict[str, Any] = {}
+    for key, spec in ev.audit_attacks.items() if ev.audit else ():
+        if spec.noisy_only and not noisy:
+            continue
+        dearest = max((a["seconds"] for a in audit.values() if "seconds" in a), default=0.0)
+        if part.remaining() < 3 * dearest:
+            audit[key] = {"skipped": f"{part.remaining():.0f} s left in the part"}
+        else:
+            try:
+                audit[key] = {"label": spec.label, **timed(key, spec, sample, audit=True)}
+            except Exception as e:  # e.g. AutoAttack without scipy on a GPU image: the other attacks still count
+                audit[key] = {"label": spec.label, "failed": f"{type(e).__name__}: {e}"[:500]}
+        part.save(audit=audit, audit_images=sample)
 
 
 PARTS = {"env": part_env, "cuda_tests": part_cuda_tests, "data": part_data, "train": part_train,

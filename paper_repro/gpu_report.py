@@ -22,7 +22,11 @@ ASSUMPTIONS = (
     "CIFAR-10's 45,000 (SVHN 68,257)",
     "paper-column time of a run = measured A1-A4 time of one model per image x test images (10,000; SVHN "
     "26,032) x seeds x members x depth factor",
-    "not included: the audit and sanity attacks, data preparation, queueing",
+    "audit time of a run = for each of its audit attacks (evaluate.audit_attacks at each audit eps), the measured "
+    "time per image of that attack on the columns part's model x audit examples x audit seeds x members x depth "
+    "factor (an upper bound for noise-free models, which skip the EOT repeats and the noisy-only attack); only "
+    "when every audit attack of the gpu profile was timed",
+    "not included: the sanity attacks, data preparation, queueing",
     "'stacked': the training hours divided by the largest measured K-stacked speedup (bench), as if every run "
     "trained in a stack of K (runs stack when they share depth, loss kind and training attack)",
     "'one CUDA graph': the training hours divided by the last-epoch speedup the train part measured for its first "
@@ -85,6 +89,7 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
     graphed = again.get("speedup_last_epoch") if again.get("graph_replays") else None  # only if graphs ran
     columns = parts.get("columns", {}).get("result", {})
     per_image = columns.get("total_s") / columns["images"] if columns.get("total_s") and columns.get("images") else None
+    audit_per_image = audit_seconds_per_image(columns)
     out: dict[str, Any] = {"dry": dry, "note": "dry run on the CPU: not a GPU figure" if dry else
                            "first-order extrapolation from this report's measured figures",
                            "epoch_s_resnet20_member": {("noisy" if k else "plain"): round(v, 2) for k, v in unit.items()},
@@ -99,6 +104,9 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
             eval_s = sum(per_image * recipe.TEST_IMAGES * len(settings.evaluate.seeds) * model_factor(e.model)
                          * data_factor(e.dataset, settings)[1] for e in settings.experiments)
             row["paper_columns_gpu_hours"] = round(eval_s / 3600, 2)
+        if audit_per_image is not None and settings.evaluate.audit:
+            audit_s = sum(audit_seconds(settings, e, audit_per_image) for e in settings.experiments)
+            row["audit_gpu_hours"] = round(audit_s / 3600, 2)
         if stacked:
             row["train_gpu_hours_stacked"] = round(train_s / 3600 / stacked[1], 2)
         if graphed:
@@ -109,6 +117,26 @@ def grid_estimate(parts: dict[str, Any], dry: bool) -> dict[str, Any] | None:
     if graphed:
         out["graphed"] = {"experiment": train["graphed"]["experiment"], "speedup": graphed}
     return out
+
+
+def audit_seconds_per_image(columns: dict[str, Any]) -> dict[str, float] | None:
+    """Seconds per test image of each audit attack, from the columns part; None unless each was timed."""
+    audit = columns.get("audit") or {}
+    if not audit or not columns.get("audit_images") or any("seconds" not in a for a in audit.values()):
+        return None
+    return {key: a["seconds"] / columns["audit_images"] for key, a in audit.items()}
+
+
+def audit_seconds(settings: config.Settings, experiment: config.Experiment, per_image: dict[str, float]) -> float:
+    """One run's audit time: evaluate's own audit jobs (images x seeds, at each audit eps) as if the model were
+    noisy, each at its measured cost per image, x the model factor. An attack the gpu profile did not time (another
+    profile's own) is priced at the dearest timed one."""
+    from .scoring import plan
+    test_images = round(recipe.TEST_IMAGES * data_factor(experiment.dataset, settings)[1])
+    jobs, _ = plan(settings.evaluate, test_images, noisy=True)
+    dearest = max(per_image.values())
+    return sum(per_image.get(job.key.split("@")[0], dearest) * job.n * len(job.seeds)
+               for job in jobs if job.audit) * model_factor(experiment.model)
 
 
 def best_stacked(bench: dict[str, Any]) -> tuple[int, float] | None:
@@ -193,7 +221,23 @@ def _bench(part: dict[str, Any] | None) -> list[str]:
             f"Batch {setup.get('batch')}, PGD-{setup.get('pgd_steps')}, {setup.get('warmup')} warm-up + "
             f"{setup.get('repeats')} x {setup.get('timed')} timed steps per loop, loops interleaved; "
             f"{r.get('environment', {}).get('device')}.", ""] + _table(["step", "reference loop", "compared loop",
-                                                                         "speedup [range]"], rows) + (failed + [""] if failed else [])
+                                                                         "speedup [range]"], rows) + \
+        (failed + [""] if failed else []) + _profiles(r["results"])
+
+
+def _profiles(results: dict[str, Any]) -> list[str]:
+    """The rows' torch.profiler figures (step_profile): kernels per step and the share of the step the device works."""
+    rows = [[key, loop, p.get("kernels_per_step"), p.get("busy_ms_per_step"), p.get("wall_ms_per_step"),
+             p.get("busy_pct", p.get("error"))]
+            for key, row in results.items() for loop, p in (row.get("profile") or {}).items()]
+    measured = [p for row in results.values() for p in (row.get("profile") or {}).values() if "steps" in p]
+    if not rows:
+        return []
+    first = measured[0] if measured else {"steps": "-", "counted": "-"}
+    return ["### Where a step's time goes (torch.profiler)", "",
+            f"{first['steps']} more steps of each loop after timing; counted: {first['counted']}; busy = the union of "
+            f"their intervals; wall time includes the profiler's overhead.", ""] + \
+        _table(["row", "loop", "kernels per step", "busy ms per step", "wall ms per step", "busy %"], rows)
 
 
 def _train(part: dict[str, Any] | None) -> list[str]:
@@ -252,8 +296,15 @@ def _columns(part: dict[str, Any] | None) -> list[str]:
     if not r.get("columns"):
         return []
     rows = [[c["column"], key, c["seconds"], c["images_per_s"], c["accuracy"]] for key, c in r["columns"].items()]
-    return [f"## Paper columns A1-A4 ({r['images']} test images, one noise seed, {r['amp']}; {r['model']})", ""] + \
+    lines = [f"## Paper columns A1-A4 ({r['images']} test images, one noise seed, {r['amp']}; {r['model']})", ""] + \
         _table(["column", "attack", "seconds", "images/s", "accuracy %"], rows) + [f"Total {_fmt(r.get('total_s'))} s.", ""]
+    if r.get("audit"):
+        audit = [[key, a.get("seconds"), a.get("images_per_s"), a.get("accuracy"),
+                  a.get("skipped") or a.get("failed") or ""] for key, a in r["audit"].items()]
+        lines += [f"Audit attacks (evaluate.audit_attacks) on the first {r.get('audit_images')} test images, same "
+                  f"model, for their cost per image:", ""] + \
+            _table(["attack", "seconds", "images/s", "accuracy %", "not timed"], audit)
+    return lines
 
 
 def _estimate(est: dict[str, Any] | None) -> list[str]:
@@ -262,8 +313,9 @@ def _estimate(est: dict[str, Any] | None) -> list[str]:
     k = est.get("stacked", {}).get("k")
     g = est.get("graphed", {}).get("speedup")
     rows = [[name, p["runs"], p["epochs"], p["train_gpu_hours"], p.get("train_gpu_hours_stacked"),
-             p.get("train_gpu_hours_graphed"), p.get("paper_columns_gpu_hours")] for name, p in est["profiles"].items()]
+             p.get("train_gpu_hours_graphed"), p.get("paper_columns_gpu_hours"), p.get("audit_gpu_hours")]
+            for name, p in est["profiles"].items()]
     return ["## Paper-grid estimate", "", f"{est['note']}.", ""] + \
         _table(["profile", "runs", "epochs", "training GPU-hours", f"stacked (K={k or '-'})",
-                f"one CUDA graph per step (x{_fmt(g, 2)})", "paper-column GPU-hours"], rows) + \
+                f"one CUDA graph per step (x{_fmt(g, 2)})", "paper-column GPU-hours", "audit GPU-hours"], rows) + \
         [f"- {a}" for a in est["assumptions"]] + [""]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from paper_repro import gpu_check, gpu_report
-from paper_repro.gpu_parts import PARTS, cuda_test_files, junit_counts
+from paper_repro import gpu_check, gpu_parts, gpu_report
+from paper_repro.gpu_parts import PARTS, Part, columns_model, cuda_test_files, junit_counts
 from paper_repro.gpu_report import best_stacked, grid_estimate, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,13 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert stacked["experiments"] == list(runs) and stacked["epochs_done"] == 1 and stacked["speedup"] > 0
     columns = r["columns"]["columns"]
     assert [c["column"] for c in columns.values()] == ["A1", "A2", "A3", "A4"]
-    assert r["columns"]["amp"] == "fp32" and r["columns"]["images"] == 20 and "trained" in r["columns"]["model"]
+    assert r["columns"]["amp"] == "fp32" and r["columns"]["images"] == 20
+    assert r["columns"]["model"] == "trained in the train part (en1resnet20-fp-pgd_at)"
+    # then each audit attack on a few images (the noisy-only AutoAttack too: en1 is noisy), for the estimate
+    audit = r["columns"]["audit"]
+    assert list(audit) == ["pgd50_eot", "cw_linf", "autoattack_rand", "autoattack_standard_noise_off"]
+    assert r["columns"]["audit_images"] == 4 and all(a["seconds"] > 0 for a in audit.values())
+    assert all(p["audit_gpu_hours"] > 0 for p in report["estimate"]["profiles"].values())
     assert set(report["estimate"]["profiles"]) == {"gpu", "paper"} and report["estimate"]["dry"] is True
     md = (tmp_path / "report" / "gpu_check.md").read_text()
     for heading in ("Dry run on the CPU", "## Parts", "## CUDA-only tests", "## bench", "## Short training",
@@ -70,6 +77,21 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert "With `train.compile: default` (resnet20-fp-pgd_at): last epoch" in md
     assert "With `train.cuda_graph: True` (resnet20-fp-pgd_at): last epoch" in md
     assert "Trained together by `train-stacked` (resnet20-fp-pgd_at + en1resnet20-fp-pgd_at):" in md
+    assert "Audit attacks (evaluate.audit_attacks) on the first 4 test images" in md
+
+    # the columns' model when the noisy run did not finish (the first H200 check failed here): its last weights
+    part = Part("columns", tmp_path / "report", True, 60.0, gpu_parts.GPU_PARAMS)
+    run = tmp_path / "report" / "train" / "en1resnet20-fp-pgd_at"
+    for other in run.parent.glob("en1resnet20-*-*"):  # the stacked twin is a finished run too
+        if other != run:
+            shutil.rmtree(other)
+    (run / "INCOMPLETE").touch()
+    _, source = columns_model(part, torch.device("cpu"), False)
+    assert source.startswith("partly trained in the train part (en1resnet20-fp-pgd_at, stopped by its time budget; "
+                             "weights of epoch 1)")
+    (run / "deployed.safetensors").unlink()
+    _, source = columns_model(part, torch.device("cpu"), False)
+    assert source.startswith("untrained en1resnet8")
 
 
 def test_a_failing_part_is_reported_and_its_dependents_skipped(tmp_path):
@@ -135,6 +157,18 @@ def test_estimate_scales_measured_epochs_to_the_grid():
     assert gpu["paper_columns_gpu_hours"] == pytest.approx(60 * 5 * 40 / 3600, abs=0.01)
     wider = 1 + 2 + 5 + 5 * w + 6 + 6 + 6 * 2.6032 + 2 * v
     assert paper["paper_columns_gpu_hours"] == pytest.approx(60 * 5 * (40 + wider) / 3600, abs=0.01)
+    assert "audit_gpu_hours" not in gpu  # no audit attack timed
+    # audit attacks: 2 s per image for the four together; the gpu profile: 1,000 images x 1 seed x 1 eps per run
+    # (every run priced as noisy), model factors summing to 40; the paper profile: 5 seeds x 2 eps, its wider grid
+    # too (SVHN's larger test set does not change the 1,000 audit images)
+    timed = {"pgd50_eot": 150.0, "cw_linf": 50.0, "autoattack_rand": 100.0, "autoattack_standard_noise_off": 100.0}
+    parts["columns"]["result"].update(audit_images=200, audit={k: {"seconds": v} for k, v in timed.items()})
+    audited = grid_estimate(parts, dry=False)["profiles"]
+    assert audited["gpu"]["audit_gpu_hours"] == pytest.approx(2 * 1000 * 40 / 3600, abs=0.01)
+    wider_models = 1 + 2 + 5 + 5 * w + 6 + 6 + 6 + 2 * v
+    assert audited["paper"]["audit_gpu_hours"] == pytest.approx(2 * 1000 * 10 * (40 + wider_models) / 3600, abs=0.05)
+    parts["columns"]["result"]["audit"]["cw_linf"] = {"skipped": "3 s left in the part"}  # part-priced: no estimate
+    assert "audit_gpu_hours" not in grid_estimate(parts, dry=False)["profiles"]["gpu"]
     assert grid_estimate({}, dry=False) is None
     assert "Paper-grid estimate" in markdown({"parts": {}, "created": "now", "dry": False, "command": "c",
                                               "params": "p", "budget_s": 1, "wall_s": 1, "ok": False,

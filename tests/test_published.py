@@ -132,7 +132,9 @@ def test_gpu_results_match_their_manifest_and_name_no_machine_folders(folder):
         assert hashlib.md5((folder / name).read_bytes()).hexdigest() == md5, name
     assert publish.machine_paths(folder) == []
     report = json.loads((folder / "gpu_check.json").read_text())
-    assert report["dry"] is False and report["device"] and report["parts"]["cuda_tests"]["result"]["failed"] == []
+    assert report["dry"] is False and report["device"]
+    if "cuda_tests" in report["parts"]:  # a report of some parts only (--parts) may not have run them
+        assert report["parts"]["cuda_tests"]["result"]["failed"] == []
 
 
 @pytest.mark.slow
