@@ -2,7 +2,7 @@
 
 Every part writes ``<out>/parts/<part>.json`` as it goes (``Part.save``), so a part killed at its timeout
 still reports what it measured. ``dry`` runs the same code tiny and on the CPU (synthetic data, one or two
-steps), which is how CI tests the check without a GPU. Kept whole (~400 lines): one function per part, run by name
+steps), which is how CI tests the check without a GPU. Kept whole (~480 lines): one function per part, run by name
 in a child process (``gpu-check --part NAME``), with the helpers only they use.
 """
 from __future__ import annotations
