@@ -209,7 +209,12 @@ def part_bench(part: Part) -> None:
                            "error": f"{type(e).__name__}: {e}"[:2000]})
             part.save(failed_rows=failed)
             continue
-        results.update({key: row for key, row in rows.items() if key not in results})
+        for key, row in rows.items():
+            if key not in results:
+                results[key] = row
+            elif row.get("profile"):  # a later entry's own loops (e.g. the compiled ones) join the kept row's profile
+                kept = results[key].setdefault("profile", {})
+                kept.update({loop: p for loop, p in row["profile"].items() if loop not in kept})
         part.save(results=results)
     if failed:
         raise RuntimeError(f"{len(failed)} bench row(s) failed: " + "; ".join(f["row"] for f in failed))
@@ -401,9 +406,9 @@ def run_figures(run_dir: Path, cuda: bool) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- paper columns
-#: Test images each audit attack (evaluate.audit_attacks) is timed on after the paper columns, when time is left:
-#: enough for a per-image cost, few enough that PGD-50 x 3 restarts x EOT 10 fits a short window.
-AUDIT_TIMING_IMAGES = 200
+#: Each audit attack (evaluate.audit_attacks) is timed, after the paper columns and while time is left, on one batch
+#: of evaluate.batch_size test images: evaluate attacks in batches of that size, and a smaller batch would overstate
+#: the cost per image on a GPU held back by launches. Dry: a few images.
 DRY_AUDIT_TIMING_IMAGES = 4
 
 
@@ -421,8 +426,8 @@ def columns_model(part: Part, device: Any, channels_last: bool) -> tuple[Any, st
         return model, f"trained in the train part ({finished[0].name})"
     if runs:
         model, _, sidecar = evaluate.load_run(runs[0], device, channels_last, allow_incomplete=True)
-        return model, (f"partly trained in the train part ({runs[0].name}, stopped by its time budget; weights of "
-                       f"epoch {(sidecar.get('selected') or {}).get('epoch', '?')}): timing only")
+        return model, (f"partly trained in the train part ({runs[0].name}, not finished: stopped by its time budget "
+                       f"or diverged; weights of epoch {(sidecar.get('selected') or {}).get('epoch', '?')}): timing only")
     arch = dry_model(NOISY_MODEL) if part.dry else NOISY_MODEL
     model = build(arch, seed=0).to(device).eval()
     model = model.to(memory_format=torch.channels_last) if channels_last else model
@@ -452,7 +457,8 @@ def part_columns(part: Part) -> None:
     noisy = scoring.noise_active(model)
 
     def timed(key: str, spec: Any, images: int, audit: bool = False) -> dict[str, Any]:
-        job = scoring.Job(key, spec, 0.0 if spec.attack == "natural" else spec.eps, audit, images, (0,))
+        eps = 0.0 if spec.attack == "natural" else ev.audit_eps[0] if audit else spec.eps  # as scoring.plan runs it
+        job = scoring.Job(key, spec, eps, audit, images, (0,))
         if device.type == "cuda":
             torch.cuda.synchronize()
         entry, _ = scoring.run_job(scorer, job, x_test, y_test, noisy)
@@ -464,7 +470,7 @@ def part_columns(part: Part) -> None:
     for key, spec in paper:
         columns[key] = {"column": spec.paper_column, **timed(key, spec, n)}
         part.save(columns=columns, total_s=round(sum(c["seconds"] for c in columns.values()), 2))
-    sample = min(n, DRY_AUDIT_TIMING_IMAGES if part.dry else AUDIT_TIMING_IMAGES)
+    sample = min(n, DRY_AUDIT_TIMING_IMAGES if part.dry else ev.batch_size)  # one evaluation batch, as evaluate runs
     audit: dict[str, Any] = {}
     for key, spec in ev.audit_attacks.items() if ev.audit else ():
         if spec.noisy_only and not noisy:

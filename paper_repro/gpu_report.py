@@ -23,9 +23,12 @@ ASSUMPTIONS = (
     "paper-column time of a run = measured A1-A4 time of one model per image x test images (10,000; SVHN "
     "26,032) x seeds x members x depth factor",
     "audit time of a run = for each of its audit attacks (evaluate.audit_attacks at each audit eps), the measured "
-    "time per image of that attack on the columns part's model x audit examples x audit seeds x members x depth "
-    "factor (an upper bound for noise-free models, which skip the EOT repeats and the noisy-only attack); only "
-    "when every audit attack of the gpu profile was timed",
+    "time per image of that attack on the columns part's model (one evaluation batch) x audit examples x audit seeds "
+    "x members x depth factor; every run is priced as noisy (noise-free ones skip the EOT repeats and the noisy-only "
+    "attack); AutoAttack attacks only the images still classified correctly, so its time grows with robust accuracy "
+    "and, timed on a partly trained or untrained model, is a lower bound for a trained one; an attack a profile "
+    "has that the gpu profile did not time is priced at the dearest timed one; given only when every audit "
+    "attack the columns part ran was timed",
     "not included: the sanity attacks, data preparation, queueing",
     "'stacked': the training hours divided by the largest measured K-stacked speedup (bench), as if every run "
     "trained in a stack of K (runs stack when they share depth, loss kind and training attack)",

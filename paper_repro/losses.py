@@ -71,7 +71,7 @@ def objective_for(experiment: Experiment, attack: AttackSettings) -> Objective:
 def trades_attack(model: nn.Module, x: Tensor, eps: float, step: float, steps: int,
                   generator: torch.Generator | None = None) -> Tensor:
     """TRADES inner maximisation: sign-gradient ascent on KL(f(x') || f(x)) inside the eps-ball."""
-    with attacks.eval_mode(model), torch.no_grad():
+    with attacks.attack_mode(model), torch.no_grad():
         target = F.softmax(model(x).float(), 1)
     noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     x_adv = (x + TRADES_INIT_SCALE * noise).clamp(0, 1)

@@ -111,10 +111,26 @@ def test_adversarials_in_ball_input_untouched_mode_and_params_restored(trained, 
         model.eval()
 
 
-@pytest.mark.parametrize("name", sorted(ATTACK_CALLS))
+def _trades(m, x, y, eps):
+    from paper_repro.losses import trades_attack
+    return trades_attack(m, x, eps=eps, step=eps / 4, steps=2, generator=torch.Generator().manual_seed(0))
+
+
+#: every other attack entry point: each enters attack_mode on its own
+FROZEN_CALLS = {**ATTACK_CALLS,
+                "cw_ref": lambda m, x, y, eps: A.cw_ref(m, x, y, eps=eps, steps=2),
+                "input_gradient": lambda m, x, y, eps: A.input_gradient(m, x, y),
+                "trades": _trades,
+                "autoattack": lambda m, x, y, eps: A.autoattack(m, x, y, eps=eps, version="standard", steps=2)}
+
+
+@pytest.mark.parametrize("name", sorted(FROZEN_CALLS))
 def test_attacks_run_with_parameters_frozen(trained, name):
     """No forward pass of an attack sees a parameter that requires grad (torch.compile's backward would compute
     every weight gradient), and a failing attack still restores the flags."""
+    if name == "autoattack":
+        pytest.importorskip("torchattacks")
+    ATTACK_CALLS = FROZEN_CALLS  # noqa: N806 - the same calls as above, plus the other entry points
     model, x, y = trained
     seen = []
     hook = model.register_forward_pre_hook(lambda m, args: seen.append(any(p.requires_grad for p in m.parameters())))

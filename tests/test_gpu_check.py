@@ -87,8 +87,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
             shutil.rmtree(other)
     (run / "INCOMPLETE").touch()
     _, source = columns_model(part, torch.device("cpu"), False)
-    assert source.startswith("partly trained in the train part (en1resnet20-fp-pgd_at, stopped by its time budget; "
-                             "weights of epoch 1)")
+    assert source.startswith("partly trained in the train part (en1resnet20-fp-pgd_at, not finished: stopped by its "
+                             "time budget or diverged; weights of epoch 1)")
     (run / "deployed.safetensors").unlink()
     _, source = columns_model(part, torch.device("cpu"), False)
     assert source.startswith("untrained en1resnet8")

@@ -154,8 +154,12 @@ def test_stacked_pgd_matches_attacks_pgd():
     models = separate_models(torch.float64)
     stacked = stack_models(models).seed_noise(2)
     x, y = batch(dtype=torch.float64)
+    seen = []  # the stacked attack, too, runs with the parameters frozen (attacks.attack_mode)
+    hook = stacked.register_forward_pre_hook(lambda m, args: seen.append(any(p.requires_grad for p in m.parameters())))
     adv = stacked_pgd(stacked, x.repeat(3, 1, 1, 1), y.repeat(3), ATTACK,
                       [torch.Generator().manual_seed(9) for _ in models])
+    hook.remove()
+    assert seen and not any(seen) and all(p.requires_grad for p in stacked.parameters())
     for i, m in enumerate(models):
         ref = attacks.pgd(m.seed_noise(2), x, y, eps=ATTACK.eps, step=ATTACK.step, steps=ATTACK.steps,
                           generator=torch.Generator().manual_seed(9))

@@ -200,7 +200,8 @@ def test_a_cuda_graphed_run_follows_the_eager_run(tmp_path, prepared_dir, schedu
         mp.setattr(train_mod, "StepGraph", Counted)
         mp.setattr(stacked_mod, "StepGraph", Counted)
         mp.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-        common = {"schedule": schedule, "device": "cuda", "amp": "off", **GRAPHED}
+        # train sets torch.backends.cudnn.benchmark from its settings: off here, as the flags above say
+        common = {"schedule": schedule, "device": "cuda", "amp": "off", "cudnn_benchmark": False, **GRAPHED}
         eager, graphed = settings_for(prepared_dir, **common), settings_for(prepared_dir, cuda_graph=True, **common)
         e = eager.experiment("en1resnet8-ternary-br-pgd_at")
         a = train_mod.train(eager, e, tmp_path / "eager", quiet=True, live_dir=tmp_path / "le")
@@ -303,6 +304,21 @@ def test_a_failing_bench_row_spares_the_others(tmp_path, monkeypatch):
         gpu_parts.part_bench(part)
     assert list(part.result["results"]) == ["stacked2_pgd_at_resnet8"]
     assert part.result["failed_rows"][0]["row"] == "pgd_at resnet8, compile None, cuda graph True"
+
+
+def test_a_later_bench_entry_adds_its_loops_profiles_to_the_kept_row(tmp_path, monkeypatch):
+    """The compile-in-graph entry re-times the first entry's row: its compiled loop's profile must still reach the
+    report (torch.compile is the identity here: what is checked is where the profiles go)."""
+    from paper_repro import bench, gpu_parts
+    monkeypatch.setattr(bench.torch, "compile", lambda model, mode=None: model)
+    monkeypatch.setattr(gpu_parts, "DRY_BENCH_PLAN", (("resnet8", "pgd_at", None, False, None),
+                                                      ("resnet8", "pgd_at", "default", False, None)))
+    part = gpu_parts.Part("bench", tmp_path, True, 120.0, gpu_parts.GPU_PARAMS)
+    gpu_parts.part_bench(part)
+    row = part.result["results"]["pgd_at_resnet8"]
+    assert set(row["stats"]) == {"baseline", "ours"}  # the first measurement is kept
+    assert set(row["profile"]) == {"baseline", "ours", "compiled"}
+    assert part.result["results"]["pgd_at_resnet8_compiled"]["variant"] == "compiled"
 
 
 # --------------------------------------------------------------------------- capture safety, checked on the CPU

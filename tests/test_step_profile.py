@@ -82,5 +82,47 @@ def test_bench_loops_set_the_cudnn_flag_before_each_step(monkeypatch):
     finally:
         torch.backends.cudnn.benchmark = before
     assert seen and all(flag == (name == "ours") for name, flag in seen)
+    # and bench's own loops are wired so: the baseline with PyTorch's default, ours with train.cudnn_benchmark
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8).numpy()
+    labels = torch.randint(0, 10, (16,)).numpy()
+    attack = config.from_dict({"train": {"pgd": {"steps": 1}}}).train.pgd
+    try:
+        for ours_flag in (True, False):
+            settings = config.from_dict({"train": {"pgd": {"steps": 1}, "cudnn_benchmark": ours_flag}})
+            base = bench._baseline_loop("resnet8", images, labels, 8, "pgd_at", attack, torch.device("cpu"))
+            ours = bench._our_loop("resnet8", images, labels, 8, "pgd_at", attack, torch.device("cpu"), settings)
+            torch.backends.cudnn.benchmark = True
+            next(base)
+            assert torch.backends.cudnn.benchmark is False
+            next(ours)
+            assert torch.backends.cudnn.benchmark is ours_flag
+    finally:
+        torch.backends.cudnn.benchmark = before
     assert config.from_dict({}).train.cudnn_benchmark is True
     assert config.from_dict({"train": {"cudnn_benchmark": False}}).train.cudnn_benchmark is False
+
+
+def _linear_sgd():
+    model = torch.nn.Linear(32, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 32)
+    while True:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        yield 1
+
+
+def test_a_training_steps_backward_and_optimizer_calls_count_on_a_cpu():
+    """Backward ops run under autograd events and SGD's under Optimizer.step: they count, unlike an op's sub-ops."""
+    def forward_only():
+        model, x = torch.nn.Linear(32, 8), torch.randn(16, 32)
+        while True:
+            with torch.no_grad():
+                model(x).square().mean()
+            yield 1
+    steps, plain = _linear_sgd(), forward_only()
+    next(steps), next(plain)
+    trained = profile_steps(steps, 3, torch.device("cpu"))
+    forward = profile_steps(plain, 3, torch.device("cpu"))
+    assert trained["kernels_per_step"] >= forward["kernels_per_step"] + 3  # grads of W, b and x-side ops, SGD's adds
