@@ -456,33 +456,31 @@ def part_columns(part: Part) -> None:
     part.save(model=source, images=n, seeds=1, amp="bf16" if amp else "fp32", device=str(device), columns={})
     noisy = scoring.noise_active(model)
 
-    def timed(key: str, spec: Any, images: int, audit: bool = False) -> dict[str, Any]:
-        eps = 0.0 if spec.attack == "natural" else ev.audit_eps[0] if audit else spec.eps  # as scoring.plan runs it
-        job = scoring.Job(key, spec, eps, audit, images, (0,))
+    jobs, _ = scoring.plan(ev, n, noisy)  # evaluate's own jobs: their eps, and no noisy-only attack on a plain model
+
+    def timed(job: scoring.Job, images: int) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        entry, _ = scoring.run_job(scorer, job, x_test, y_test, noisy)
+        entry, _ = scoring.run_job(scorer, dataclasses.replace(job, n=images, seeds=(0,)), x_test, y_test, noisy)
         return {"seconds": entry["seconds"], "accuracy": entry["mean"],
                 "images_per_s": round(images / max(entry["seconds"], 1e-9), 1)}
 
     columns: dict[str, Any] = {}
-    paper = sorted(((k, s) for k, s in ev.attacks.items() if s.paper_column), key=lambda item: item[1].paper_column)
-    for key, spec in paper:
-        columns[key] = {"column": spec.paper_column, **timed(key, spec, n)}
+    for job in sorted((j for j in jobs if not j.audit and j.spec.paper_column), key=lambda j: j.spec.paper_column):
+        columns[job.key] = {"column": job.spec.paper_column, **timed(job, n)}
         part.save(columns=columns, total_s=round(sum(c["seconds"] for c in columns.values()), 2))
     sample = min(n, DRY_AUDIT_TIMING_IMAGES if part.dry else ev.batch_size)  # one evaluation batch, as evaluate runs
     audit: dict[str, Any] = {}
-    for key, spec in ev.audit_attacks.items() if ev.audit else ():
-        if spec.noisy_only and not noisy:
-            continue
+    for job in (j for j in jobs if j.audit and j.eps == ev.audit_eps[0]):
+        key, label = job.key.split("@")[0], job.spec.label
         dearest = max((a["seconds"] for a in audit.values() if "seconds" in a), default=0.0)
         if part.remaining() < 3 * dearest:
             audit[key] = {"skipped": f"{part.remaining():.0f} s left in the part"}
         else:
             try:
-                audit[key] = {"label": spec.label, **timed(key, spec, sample, audit=True)}
+                audit[key] = {"label": label, **timed(job, sample)}
             except Exception as e:  # e.g. AutoAttack without scipy on a GPU image: the other attacks still count
-                audit[key] = {"label": spec.label, "failed": f"{type(e).__name__}: {e}"[:500]}
+                audit[key] = {"label": label, "failed": f"{type(e).__name__}: {e}"[:500]}
         part.save(audit=audit, audit_images=sample)
 
 
